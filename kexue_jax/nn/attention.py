@@ -1,0 +1,214 @@
+"""Multi-head attention, logit-scale conventions and rotary positions (kexue.fm/archives/8620, 8444).
+
+Why scale the logits (8620): for q, k with iid zero-mean unit-variance entries, E[(q.k)^2] = d, so
+logits span about +-3 sqrt(d) and the softmax saturates. Three conventions (``attn_scale``):
+
+* ``sqrt``  logits = q.k / sqrt(d)                 (BERT; NTK-style)
+* ``t5``    logits = q.k, with the q and k init variances each divided by sqrt(d) so Var(q.k) = 1
+* ``mup``   logits = q.k / d                       (muP)
+
+``num_heads x head_dim`` is free (not forced to d_model / num_heads). Projections are kept with an
+explicit head axis: query/key/value kernels are [d_model, heads, head_dim] and the output kernel is
+[heads, head_dim, d_model], which is the layout the upscaling maps (post 8444) act on.
+
+RoPE rotates adjacent pairs (x_{2i}, x_{2i+1}) by the angle m * theta_i, theta_i = base^{-2i/d}.
+
+The core ``dot_product_attention`` dispatches to ``jax.nn.dot_product_attention`` (cuDNN on GPU when
+the dtype and shapes allow) when no probabilities or attention dropout are needed and the dtype is not
+float64 (its softmax is float32), and to an explicit einsum otherwise; the two agree (tests). Logits and
+softmax are computed in float32 (float64 for float64 inputs) whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kexue_jax.nn import init as initializers
+
+Array = jax.Array
+
+ATTN_SCALES = ("sqrt", "t5", "mup")
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+
+
+def logit_scale(kind: str, head_dim: int) -> float:
+    """The factor on q.k: 1/sqrt(d) (sqrt), 1 (t5), 1/d (mup)."""
+    if kind == "sqrt":
+        return 1.0 / math.sqrt(head_dim)
+    if kind == "t5":
+        return 1.0
+    if kind == "mup":
+        return 1.0 / head_dim
+    raise ValueError(f"attn_scale must be one of {ATTN_SCALES}, got {kind!r}")
+
+
+def qk_init_variance_factor(kind: str, head_dim: int) -> float:
+    """Extra factor on the q and k init variances: 1/sqrt(d) under the T5 convention, else 1."""
+    return 1.0 / math.sqrt(head_dim) if kind == "t5" else 1.0
+
+
+class Dense(nn.Module):
+    """y = (x . W) * multiplier + b, contracting the last ``in_axes`` axes of x with W's first ones.
+
+    ``multiplier`` is 1 in the standard parameterization and 1/sqrt(fan_in) (times any convention
+    factor) in the NTK parameterization (kexue.fm/archives/8620), where W ~ N(0, 1).
+    """
+
+    features: tuple[int, ...]
+    in_axes: int = 1
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    multiplier: float = 1.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = tuple(x.shape[-self.in_axes:])
+        kernel = self.param("kernel", self.kernel_init, in_shape + tuple(self.features), self.param_dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=self.in_axes)
+        if self.multiplier != 1.0:
+            y = y * jnp.asarray(self.multiplier, self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def rope(x: Array, positions: Array, base: float = 10000.0) -> Array:
+    """Rotary position embedding on adjacent pairs: x [B, L, H, D] (D even), positions [B, L] or [L].
+
+    (x_{2i}, x_{2i+1}) -> (x_{2i} cos m theta_i - x_{2i+1} sin m theta_i,
+                           x_{2i} sin m theta_i + x_{2i+1} cos m theta_i),  theta_i = base^{-2i/D}.
+    """
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {d}")
+    dt = jnp.promote_types(x.dtype, jnp.float32)
+    theta = base ** (-jnp.arange(0, d, 2, dtype=dt) / d)  # [D/2]
+    angle = jnp.asarray(positions, dt)[..., None] * theta  # [B, L, D/2] or [L, D/2]
+    if angle.ndim == 2:
+        angle = angle[None]
+    cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
+    xr = x.astype(dt).reshape(x.shape[:-1] + (d // 2, 2))
+    x1, x2 = xr[..., 0], xr[..., 1]
+    out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def relative_position_bucket(relative_position: Array, *, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> Array:
+    """T5's bucketing of relative positions (key - query): exact buckets for small distances,
+    log-spaced up to ``max_distance``; half the buckets per direction when bidirectional."""
+    ret = jnp.zeros_like(relative_position)
+    n = -relative_position
+    if bidirectional:
+        num_buckets //= 2
+        ret = ret + (n < 0).astype(jnp.int32) * num_buckets
+        n = jnp.abs(n)
+    else:
+        n = jnp.maximum(n, 0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    val_large = max_exact + (
+        jnp.log(jnp.maximum(n, 1).astype(jnp.float32) / max_exact)
+        / math.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(jnp.int32)
+    val_large = jnp.minimum(val_large, num_buckets - 1)
+    return ret + jnp.where(is_small, n, val_large)
+
+
+def _softmax_dtype(dtype) -> Any:
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = None,
+                          bias: Array | None = None, scale: float, dropout_rate: float = 0.0,
+                          dropout_rng: Array | None = None, return_probs: bool = False,
+                          implementation: str = "auto"):
+    """softmax(q k^T * scale + bias, masked) v for q, k, v [B, L, H, D]; mask [B|1, 1|H, Lq, Lk] bool.
+
+    Returns (out [B, Lq, H, D], probs [B, H, Lq, Lk] or None). Fully masked rows give a uniform
+    distribution (finite large-negative fill, never NaN).
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    dropout = dropout_rate > 0.0 and dropout_rng is not None
+    fused_ok = not return_probs and not dropout and q.dtype != jnp.float64
+    if implementation in ("xla", "cudnn") or (implementation == "auto" and fused_ok):
+        if not fused_ok:
+            raise ValueError("attention implementation 'xla'/'cudnn' cannot return probabilities, apply "
+                             "attention dropout or run in float64; use 'einsum' or 'auto'")
+        impl = None if implementation == "auto" else implementation
+        if impl is None and jax.default_backend() == "gpu" and q.dtype not in (jnp.float16, jnp.bfloat16):
+            impl = "xla"  # cuDNN needs half precision; stay on XLA for fp32
+        if bias is not None:
+            bias = bias.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
+        return out, None
+    sdt = _softmax_dtype(q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=sdt) * jnp.asarray(scale, sdt)
+    if bias is not None:
+        logits = logits + bias.astype(sdt)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(sdt).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights = probs
+    if dropout:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        weights = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    return out, (probs if return_probs else None)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention token mixer (see module docstring).
+
+    Call: (x [B, L, d_model], *, mask, positions [B, L], deterministic, return_probs) ->
+    (y [B, L, d_model], probs [B, H, L, L] or None).
+    """
+
+    cfg: Any  # TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, *, mask=None, positions=None, deterministic=True, return_probs=False):
+        cfg = self.cfg
+        h, d = cfg.num_heads, cfg.mixer_head_dim
+        qk_extra = qk_init_variance_factor(cfg.attn_scale, d)
+
+        def proj(name, features, in_axes, extra=1.0):
+            return Dense(features, in_axes=in_axes, use_bias=cfg.use_bias,
+                         kernel_init=cfg.kernel_init(in_axes, extra),
+                         multiplier=cfg.kernel_multiplier(x.shape[-1] if in_axes == 1 else h * d, extra),
+                         dtype=cfg.compute_dtype, param_dtype=cfg.param_jnp_dtype, name=name)
+
+        q = proj("query", (h, d), 1, qk_extra)(x)
+        k = proj("key", (h, d), 1, qk_extra)(x)
+        v = proj("value", (h, d), 1)(x)
+        if cfg.position == "rope":
+            q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
+        bias = None
+        if cfg.position == "relative":
+            rel = positions[:, None, :] - positions[:, :, None]  # key - query, [B, Lq, Lk]
+            buckets = relative_position_bucket(
+                rel, bidirectional=cfg.mask != "causal", num_buckets=cfg.rel_buckets,
+                max_distance=cfg.rel_max_distance)
+            table = self.param("rel_bias", cfg.embed_init(), (cfg.rel_buckets, h), cfg.param_jnp_dtype)
+            bias = jnp.transpose(table[buckets], (0, 3, 1, 2))  # [B, H, Lq, Lk]
+        if cfg.token_mixer == "linear":
+            from kexue_jax.nn.linear_attention import linear_attention  # noqa: PLC0415 (optional mixer)
+
+            out = linear_attention(q, k, v, causal=mask.kind == "causal", key_mask=mask.valid)
+            probs = None
+        else:
+            rate = 0.0 if deterministic else cfg.dropout_rate
+            rng = self.make_rng("dropout") if rate > 0.0 else None
+            out, probs = dot_product_attention(
+                q, k, v, mask=mask, bias=bias, scale=logit_scale(cfg.attn_scale, d), dropout_rate=rate,
+                dropout_rng=rng, return_probs=return_probs, implementation=cfg.attention_impl)
+        y = proj("out", (x.shape[-1],), 2)(out)
+        return y, probs

@@ -1,0 +1,109 @@
+"""Normalization and residual wiring (kexue.fm/archives/8620, 8998).
+
+LayerNorm  y = (x - mu) / sqrt(sigma^2 + eps) * gamma + beta     (over the feature axis)
+RMSNorm    y = x / sqrt(mean(x^2) + eps) * gamma                  (no centring, no beta; T5)
+
+Residual wirings of a block with branch F (``residual`` in TransformerConfig):
+
+* ``post``        x_{t+1} = Norm(x_t + F(x_t))            (original Transformer, BERT). At init it acts
+                  like (x_t + F(x_t))/sqrt(2), so x_0 carries weight 2^{-l/2} after l blocks.
+* ``pre``         x_{t+1} = x_t + F(Norm(x_t)), final Norm before the head. Var(x_l) ~ l + 1 at init.
+* ``alpha``       x_{t+1} = x_t + alpha_t F(x_t), alpha_t = min(1, step/T) not trained (the post's
+                  preference; SkipInit/ReZero with a fixed ramp). alpha = 0 makes every block the identity.
+* ``alpha_post``  x_{t+1} = Norm(x_t + alpha_t F(x_t))    (RoFormerV2, kexue.fm/archives/8998).
+
+alpha is an input of ``Transformer.__call__`` computed from the step by ``alpha_schedule``, so the model
+stays a pure function of (params, inputs).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+RESIDUALS = ("post", "pre", "alpha", "alpha_post")
+NORMS = ("layernorm", "rmsnorm")
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with eps; statistics in float32 (or float64) whatever the compute dtype."""
+
+    eps: float = 1e-5
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        xs = x.astype(stat_dtype)
+        mu = jnp.mean(xs, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xs - mu), axis=-1, keepdims=True)
+        y = (xs - mu) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.param("scale", nn.initializers.ones, (d,), self.param_dtype).astype(stat_dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (d,), self.param_dtype).astype(stat_dtype)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm y = x / sqrt(mean(x^2) + eps) * gamma (Zhang & Sennrich 2019; T5)."""
+
+    eps: float = 1e-6
+    use_bias: bool = False  # accepted for a uniform signature; RMSNorm has no beta
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+        xs = x.astype(stat_dtype)
+        ms = jnp.mean(jnp.square(xs), axis=-1, keepdims=True)
+        y = xs * jax.lax.rsqrt(ms + self.eps)
+        y = y * self.param("scale", nn.initializers.ones, (d,), self.param_dtype).astype(stat_dtype)
+        return y.astype(self.dtype)
+
+
+def make_norm(kind: str, eps: float, use_bias: bool, dtype, param_dtype, name: str) -> nn.Module:
+    """The norm module named ``kind`` (layernorm or rmsnorm)."""
+    if kind not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {kind!r}")
+    cls = LayerNorm if kind == "layernorm" else RMSNorm
+    return cls(eps=eps, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+def residual(kind: str, x, branch: Callable, norm: Callable | None, alpha=1.0):
+    """Apply one residual sub-layer ``branch`` to ``x`` with the wiring ``kind`` (see module doc).
+
+    ``norm`` is the sub-layer's norm (unused by ``alpha``); ``alpha`` scales the branch for the
+    alpha wirings. Returns (new_x, branch_aux) where branch returns (out, aux).
+    """
+    if kind == "post":
+        out, aux = branch(x)
+        return norm(x + out), aux
+    if kind == "pre":
+        out, aux = branch(norm(x))
+        return x + out, aux
+    if kind == "alpha":
+        out, aux = branch(x)
+        return x + jnp.asarray(alpha, out.dtype) * out, aux
+    if kind == "alpha_post":
+        out, aux = branch(x)
+        return norm(x + jnp.asarray(alpha, out.dtype) * out), aux
+    raise ValueError(f"residual must be one of {RESIDUALS}, got {kind!r}")
+
+
+def alpha_schedule(step, warmup_steps: int):
+    """alpha_t = min(1, step / T) (kexue.fm/archives/8620): ramp from 0 to 1 in T steps, then frozen.
+
+    ``warmup_steps`` T = 0 gives alpha = 1 from the first step. Works on ints and traced arrays.
+    """
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if warmup_steps == 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(warmup_steps))

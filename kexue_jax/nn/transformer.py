@@ -1,0 +1,389 @@
+"""TransformerConfig and Transformer: BERT-, GPT- and T5-style models as one configurable module.
+
+Posts: init/parameterization/normalization (kexue.fm/archives/8620), masks (6933, 8475), upscaling
+layout (8444). Every option is a field of the frozen, validated ``TransformerConfig``; presets are
+``TransformerConfig.preset("bert"|"gpt"|"t5", **overrides)``.
+
+Parameter tree (plain nested dict; the upscaling maps of ``kexue_jax.upscale`` act on it):
+
+    embed/{token [V, D], position [max_len, D]?, segment [T, D]?}
+    embed_norm/{scale, bias?}?                       (BERT's embedding LayerNorm)
+    layer_{i}/attn/{query,key,value}/{kernel [D, H, Dh], bias [H, Dh]?}
+    layer_{i}/attn/out/{kernel [H, Dh, D], bias [D]?}
+    layer_{i}/attn/rel_bias [buckets, H]?            (T5 relative position bias)
+    layer_{i}/{attn_norm, ffn_norm}/{scale, bias?}   (not with residual="alpha")
+    layer_{i}/ffn/{wi, wi_gate?}/{kernel [D, F], bias [F]?};  layer_{i}/ffn/wo/{kernel [F, D], bias [D]?}
+    final_norm/{scale, bias?}?                       (Pre-Norm and alpha residuals)
+    mlm_dense/{kernel [D, D], bias [D]?}, mlm_norm/{scale, bias?}   (BERT MLM head)
+    head/kernel [D, V]?                              (untied output layer)
+    output_bias [V]?                                 (MLM head vocab bias)
+
+``Transformer(cfg).apply({"params": p}, tokens, segment_ids=None, ...)`` returns logits [B, L, V];
+with ``return_intermediates=True`` it returns (logits, aux) where aux holds the hidden state entering
+the first block and after every block, the final-norm output, the MLM-head hidden states and each
+layer's attention probabilities (what the lossless-upscaling check compares).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kexue_jax.nn import init as initializers
+from kexue_jax.nn import masks as masks_lib
+from kexue_jax.nn.attention import ATTN_SCALES, IMPLEMENTATIONS, Dense, MultiHeadAttention
+from kexue_jax.nn.norms import NORMS, RESIDUALS, make_norm, residual
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "linear": lambda x: x,
+}
+#: activations with f(c x) = c f(x) for c > 0, where the post's plain rule widens an FFN exactly.
+HOMOGENEOUS_ACTIVATIONS = ("relu", "linear")
+FFNS = ("plain", "gated")
+POSITIONS = ("learned", "rope", "relative", "none")
+HEADS = ("lm", "mlm")
+PARAMETERIZATIONS = ("standard", "ntk")
+TOKEN_MIXERS = ("attention", "linear")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "bert": dict(position="learned", type_vocab_size=2, embed_norm=True, residual="post", activation="gelu",
+                 ffn="plain", use_bias=True, head="mlm", tie_embeddings=True, attn_scale="sqrt",
+                 mask="bidirectional", norm="layernorm", norm_eps=1e-12, init_std=0.02),
+    "gpt": dict(position="learned", type_vocab_size=0, embed_norm=False, residual="pre", activation="gelu",
+                ffn="plain", use_bias=True, head="lm", tie_embeddings=True, attn_scale="sqrt", mask="causal",
+                norm="layernorm", norm_eps=1e-5, init_std=0.02),
+    "t5": dict(position="relative", type_vocab_size=0, embed_norm=False, residual="pre", activation="relu",
+               ffn="plain", use_bias=False, head="lm", tie_embeddings=False, attn_scale="t5", mask="causal",
+               norm="rmsnorm", norm_eps=1e-6, init_std=None),
+}
+
+
+def _fail(field: str, allowed: str, got: Any) -> None:
+    raise ValueError(f"TransformerConfig.{field} must be {allowed}, got {got!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """All options of the model; validated at construction (errors name the field and allowed values).
+
+    ``TransformerConfig()`` is a small valid GPT-like model. See ``preset`` for BERT/GPT/T5.
+    """
+
+    vocab_size: int = 260
+    num_layers: int = 2
+    d_model: int = 64
+    num_heads: int = 4
+    head_dim: int = 16
+    d_ff: int = 256
+    max_len: int = 128
+    type_vocab_size: int = 0          # > 0 adds segment embeddings (BERT: 2)
+    position: str = "learned"         # learned | rope | relative (T5 buckets) | none
+    rope_base: float = 10000.0
+    rel_buckets: int = 32
+    rel_max_distance: int = 128
+    embed_norm: bool = False          # LayerNorm after the embeddings (BERT)
+    norm: str = "layernorm"           # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    head_norm_eps: float | None = None  # eps of the MLM-head norm (None: norm_eps)
+    residual: str = "pre"             # post | pre | alpha | alpha_post
+    final_norm: bool | None = None    # None: True for pre/alpha, False for post/alpha_post
+    activation: str = "gelu"
+    ffn: str = "plain"                # plain | gated (act(x W_gate) * (x W_in))
+    use_bias: bool = True
+    attn_scale: str = "sqrt"          # sqrt (1/sqrt(d)) | t5 (none; q/k init var / sqrt(d)) | mup (1/d)
+    mask: str = "causal"              # causal | bidirectional | unilm | uniae | independent
+    layer_masks: tuple[str, ...] = ()  # per-layer override of ``mask`` (UniVAE: independent then uniae)
+    token_mixer: str = "attention"    # attention | linear (kexue.fm/archives/8610)
+    linear_head_multiplier: int = 1   # head size r * head_dim for linear attention
+    head: str = "lm"                  # lm (logits = h E^T or h W) | mlm (dense + act + norm + E^T + bias)
+    tie_embeddings: bool = True
+    init_std: float | None = 0.02     # None: second-moment (LeCun) init, embeddings N(0, 1/D)
+    parameterization: str = "standard"  # standard | ntk (W ~ N(0,1), forward x 1/sqrt(fan_in))
+    dropout_rate: float = 0.0
+    dtype: str = "float32"            # compute dtype
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"      # auto | einsum | xla | cudnn
+
+    def __post_init__(self):
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff", "max_len",
+                     "rel_buckets", "rel_max_distance", "linear_head_multiplier"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail(name, "a positive integer", value)
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            _fail("type_vocab_size", "an integer >= 0", self.type_vocab_size)
+        choices = dict(position=POSITIONS, norm=NORMS, residual=RESIDUALS, activation=tuple(ACTIVATIONS),
+                       ffn=FFNS, attn_scale=ATTN_SCALES, mask=masks_lib.MASKS, token_mixer=TOKEN_MIXERS,
+                       head=HEADS, parameterization=PARAMETERIZATIONS, dtype=DTYPES, param_dtype=DTYPES,
+                       attention_impl=IMPLEMENTATIONS)
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                _fail(name, f"one of {allowed}", getattr(self, name))
+        if not isinstance(self.layer_masks, tuple):
+            object.__setattr__(self, "layer_masks", tuple(self.layer_masks))
+        if self.layer_masks:
+            if len(self.layer_masks) != self.num_layers:
+                _fail("layer_masks", f"empty or of length num_layers={self.num_layers}", self.layer_masks)
+            for m in self.layer_masks:
+                if m not in masks_lib.MASKS:
+                    _fail("layer_masks", f"a tuple of {masks_lib.MASKS}", self.layer_masks)
+        for name in ("norm_eps", "rope_base"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                _fail(name, "a number > 0", getattr(self, name))
+        if self.head_norm_eps is not None and not self.head_norm_eps > 0:
+            _fail("head_norm_eps", "None or a number > 0", self.head_norm_eps)
+        if self.init_std is not None and not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
+            _fail("init_std", "None (second-moment init) or a number > 0", self.init_std)
+        if not (isinstance(self.dropout_rate, (int, float)) and 0.0 <= self.dropout_rate < 1.0):
+            _fail("dropout_rate", "a number in [0, 1)", self.dropout_rate)
+        if self.position == "rope" and self.head_dim % 2:
+            _fail("head_dim", "even when position='rope'", self.head_dim)
+        if self.token_mixer == "linear":
+            if any(m not in ("causal", "bidirectional") for m in self.masks_per_layer):
+                _fail("mask", "'causal' or 'bidirectional' with token_mixer='linear'", self.mask)
+            if self.position == "relative":
+                _fail("position", "one of ('learned', 'rope', 'none') with token_mixer='linear'", self.position)
+        if self.head == "mlm" and not self.tie_embeddings:
+            _fail("tie_embeddings", "True with head='mlm' (the MLM head reads the token embedding)",
+                  self.tie_embeddings)
+        if self.embed_norm and self.residual in ("pre", "alpha"):
+            pass  # allowed: an embedding norm before a Pre-Norm stack is harmless
+
+    # -- presets ------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TransformerConfig":
+        """BERT (Post-LN, MLM head), GPT (Pre-LN, tied LM head) or T5 (RMSNorm, no biases, T5 scale).
+
+        ``overrides`` are any fields; e.g. ``preset("t5", ffn="gated", activation="gelu")``.
+        """
+        if name not in _PRESETS:
+            raise ValueError(f"preset must be one of {tuple(_PRESETS)}, got {name!r}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TransformerConfig field(s) {sorted(unknown)}; fields are "
+                             f"{[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    def replace(self, **changes) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def param_jnp_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def has_final_norm(self) -> bool:
+        return self.residual in ("pre", "alpha") if self.final_norm is None else self.final_norm
+
+    @property
+    def masks_per_layer(self) -> tuple[str, ...]:
+        return self.layer_masks or (self.mask,) * self.num_layers
+
+    @property
+    def mixer_head_dim(self) -> int:
+        """Head size of the token mixer: head_dim, times linear_head_multiplier for linear attention."""
+        return self.head_dim * (self.linear_head_multiplier if self.token_mixer == "linear" else 1)
+
+    def kernel_init(self, in_axes: int = 1, extra: float = 1.0):
+        """Initializer of a dense kernel: N(0,1) under NTK, else truncated normal with std
+        init_std * sqrt(extra), or second-moment (LeCun) init with variance extra/fan_in."""
+        if self.parameterization == "ntk":
+            return initializers.normal(1.0)
+        if self.init_std is None:
+            return initializers.second_moment(1.0, "truncated_normal", in_axes, extra=extra)
+        return initializers.truncated_normal(self.init_std * math.sqrt(extra))
+
+    def kernel_multiplier(self, fan_in: int, extra: float = 1.0) -> float:
+        """Forward multiplier of a dense kernel: sqrt(extra / fan_in) under NTK, else 1."""
+        return math.sqrt(extra / fan_in) if self.parameterization == "ntk" else 1.0
+
+    def embed_init(self):
+        """Embedding init: truncated normal with init_std, or N(0, 1/d_model) when init_std is None."""
+        if self.init_std is None:
+            return initializers.normal(1.0 / math.sqrt(self.d_model))
+        return initializers.truncated_normal(self.init_std)
+
+
+def _dropout(cfg: TransformerConfig, x, deterministic: bool):
+    if cfg.dropout_rate == 0.0 or deterministic:
+        return x
+    return nn.Dropout(cfg.dropout_rate)(x, deterministic=False)
+
+
+class FeedForward(nn.Module):
+    """FFN: act(x W_i + b_i) W_o + b_o, or gated act(x W_gate) * (x W_i) W_o (T5.1.1 / GLU)."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+
+        def dense(name, features, fan_in):
+            return Dense((features,), use_bias=cfg.use_bias, kernel_init=cfg.kernel_init(),
+                         multiplier=cfg.kernel_multiplier(fan_in), dtype=cfg.compute_dtype,
+                         param_dtype=cfg.param_jnp_dtype, name=name)
+
+        act = ACTIVATIONS[cfg.activation]
+        if cfg.ffn == "gated":
+            h = act(dense("wi_gate", cfg.d_ff, cfg.d_model)(x)) * dense("wi", cfg.d_ff, cfg.d_model)(x)
+        else:
+            h = act(dense("wi", cfg.d_ff, cfg.d_model)(x))
+        return dense("wo", cfg.d_model, cfg.d_ff)(h)
+
+
+class Block(nn.Module):
+    """One Transformer layer: token mixer and FFN sub-layers, each wired by ``cfg.residual``."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, x, *, mask, positions, deterministic=True, alpha=1.0, return_probs=False):
+        cfg = self.cfg
+        wants_norm = cfg.residual != "alpha"
+
+        def norm(name):
+            return make_norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, cfg.param_jnp_dtype,
+                             name) if wants_norm else None
+
+        mixer = MultiHeadAttention(cfg, name="attn")
+
+        def mix(y):
+            out, probs = mixer(y, mask=mask, positions=positions, deterministic=deterministic,
+                               return_probs=return_probs)
+            return _dropout(cfg, out, deterministic), probs
+
+        x, probs = residual(cfg.residual, x, mix, norm("attn_norm"), alpha)
+        ffn = FeedForward(cfg, name="ffn")
+        x, _ = residual(cfg.residual, x, lambda y: (_dropout(cfg, ffn(y), deterministic), None),
+                        norm("ffn_norm"), alpha)
+        return x, probs
+
+
+class Transformer(nn.Module):
+    """The configurable Transformer (see module docstring for the parameter tree)."""
+
+    cfg: TransformerConfig
+
+    @nn.compact
+    def __call__(self, tokens, segment_ids=None, *, positions=None, document_ids=None, valid=None,
+                 deterministic: bool = True, alpha=1.0, inject: Mapping[int, Any] | None = None,
+                 return_intermediates: bool = False):
+        """tokens int [B, L] -> logits [B, L, vocab] (and aux with ``return_intermediates``).
+
+        segment_ids: [B, L] (0 = source, 1 = target; default zeros), used by the masks and the segment
+          embedding. positions: [B, L] (default arange). document_ids: packed-document ids (masks
+          become block-diagonal). valid: bool [B, L] key-padding mask. alpha: the alpha-residual scale
+          (``norms.alpha_schedule(step, T)``). inject: {layer: [B, d_model]} overwrites position 0 of
+          the hidden state entering that layer (UniVAE latents, kexue.fm/archives/8475).
+        """
+        cfg = self.cfg
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape [batch, length], got {tokens.shape}")
+        b, n = tokens.shape
+        if cfg.position == "learned" and n > cfg.max_len:
+            raise ValueError(f"sequence length {n} exceeds TransformerConfig.max_len={cfg.max_len}")
+        if segment_ids is None:
+            segment_ids = jnp.zeros((b, n), jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        dt = cfg.compute_dtype
+
+        token_table = self.param("embed", lambda k: _embed_params(k, cfg))
+        x = jnp.take(token_table["token"], tokens, axis=0).astype(dt)
+        if cfg.position == "learned":
+            x = x + jnp.take(token_table["position"], positions, axis=0).astype(dt)
+        if cfg.type_vocab_size:
+            x = x + jnp.take(token_table["segment"], segment_ids, axis=0).astype(dt)
+        if cfg.embed_norm:
+            x = make_norm(cfg.norm, cfg.norm_eps, cfg.use_bias, dt, cfg.param_jnp_dtype, "embed_norm")(x)
+        x = _dropout(cfg, x, deterministic)
+
+        padding = None if valid is None else masks_lib.padding(valid)
+        built: dict[str, jax.Array] = {}
+
+        def mask_for(kind):
+            if cfg.token_mixer == "linear":
+                return kind  # linear attention takes the kind, not a dense mask
+            if kind not in built:
+                built[kind] = masks_lib.and_(masks_lib.make(kind, segment_ids, document_ids), padding)
+            return built[kind]
+
+        hidden, probs_all = [], []
+        for i, kind in enumerate(cfg.masks_per_layer):
+            if inject is not None and i in inject:
+                x = x.at[:, 0].set(jnp.asarray(inject[i], dt))
+            hidden.append(x)
+            x, probs = Block(cfg, name=f"layer_{i}")(
+                x, mask=_MixerMask(mask_for(kind), valid) if cfg.token_mixer == "linear" else mask_for(kind),
+                positions=positions, deterministic=deterministic, alpha=alpha,
+                return_probs=return_intermediates)
+            probs_all.append(probs)
+        hidden.append(x)
+        aux: dict[str, Any] = {"hidden": hidden, "attention": probs_all}
+        if cfg.has_final_norm:
+            x = make_norm(cfg.norm, cfg.norm_eps, cfg.use_bias, dt, cfg.param_jnp_dtype, "final_norm")(x)
+            aux["final"] = x
+        logits = _output_head(self, cfg, x, token_table["token"], aux)
+        return (logits, aux) if return_intermediates else logits
+
+
+@dataclasses.dataclass(frozen=True)
+class _MixerMask:
+    """What a linear-attention mixer receives instead of a dense mask: the kind and key validity."""
+
+    kind: str
+    valid: Any
+
+
+def _embed_params(key, cfg: TransformerConfig) -> dict:
+    keys = jax.random.split(key, 3)
+    init = cfg.embed_init()
+    pdt = cfg.param_jnp_dtype
+    out = {"token": init(keys[0], (cfg.vocab_size, cfg.d_model), pdt)}
+    if cfg.position == "learned":
+        out["position"] = init(keys[1], (cfg.max_len, cfg.d_model), pdt)
+    if cfg.type_vocab_size:
+        out["segment"] = init(keys[2], (cfg.type_vocab_size, cfg.d_model), pdt)
+    return out
+
+
+def _output_head(module: nn.Module, cfg: TransformerConfig, x, token_table, aux: dict):
+    """Logits: [MLM dense + act + norm], then h E^T (tied) or h W (untied), [+ vocab bias]."""
+    dt = cfg.compute_dtype
+    if cfg.head == "mlm":
+        dense = Dense((cfg.d_model,), use_bias=cfg.use_bias, kernel_init=cfg.kernel_init(),
+                      multiplier=cfg.kernel_multiplier(cfg.d_model), dtype=dt,
+                      param_dtype=cfg.param_jnp_dtype, name="mlm_dense")
+        x = ACTIVATIONS[cfg.activation](dense(x))
+        aux["mlm_hidden"] = x
+        eps = cfg.norm_eps if cfg.head_norm_eps is None else cfg.head_norm_eps
+        x = make_norm(cfg.norm, eps, cfg.use_bias, dt, cfg.param_jnp_dtype, "mlm_norm")(x)
+        aux["mlm_normed"] = x
+    if cfg.tie_embeddings:
+        logits = jnp.einsum("bld,vd->blv", x, token_table.astype(dt))
+    else:
+        logits = Dense((cfg.vocab_size,), use_bias=False, kernel_init=cfg.kernel_init(),
+                       multiplier=cfg.kernel_multiplier(cfg.d_model), dtype=dt,
+                       param_dtype=cfg.param_jnp_dtype, name="head")(x)
+    if cfg.head == "mlm":
+        logits = logits + module.param("output_bias", nn.initializers.zeros, (cfg.vocab_size,),
+                                       cfg.param_jnp_dtype).astype(dt)
+    return logits

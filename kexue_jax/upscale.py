@@ -1,0 +1,536 @@
+"""Lossless width upscaling of a Transformer (kexue.fm/archives/8444), as pure maps of params and Adam state.
+
+The invariant of the post: every hidden vector of the big model is the small one repeated and scaled,
+
+    x~ = rep(x) / sqrt(k),      rep = interleaved repetition [x1, .., x1, x2, .., x2, ...] (k copies),
+
+so LayerNorm/RMSNorm (scale invariant) see the same normalized vector, the tied output h~ E~^T =
+sum_{kd} (h/sqrt k)(e/sqrt k) = h E^T is unchanged, and every attention matrix is unchanged.
+
+Each tensor is repeated along every grown axis (d_model -> k d_model, d_ff -> k d_ff, and
+head_dim -> k head_dim for ``grow="head_dim"`` (the post) or heads -> k heads for ``grow="num_heads"``
+(HyperCloning)) and multiplied by one scalar. For a dense layer whose input is alpha_in rep(x) and whose
+output must be alpha_out rep(y), the kernel factor is alpha_out / (k alpha_in) (the k copies of each input
+sum up) and the bias factor is alpha_out. With s = 1/sqrt(k):
+
+    tensor                              alpha_out           kernel            bias
+    embeddings (token/position/segment) s                   rep * s
+    norm gamma, beta (input s rep(x))   s                   rep * s,  eps -> eps / k           (erratum E3)
+    q, k, 1/sqrt(d) scale, head_dim     k^{-1/4}            k^{1/4} / k       k^{1/4} / sqrt(k)
+    q, k, T5 (no scale), head_dim       s                   1 / k             s
+    q, k, 1/d (muP) or grow=num_heads   1                   s                 1
+    v, out                              s                   1 / k             s
+    FFN-1 (any activation, two-step)    1 (pure repeat)     s                 1
+    FFN-2 after it                      s                   1 / (k sqrt k)    s  (post: 1/k, erratum E1)
+    MLM dense (+ act)                   1                   s                 1
+    MLM norm (input a pure repeat)      s                   rep * s, eps unchanged   (erratum E2)
+    untied output W [d, V]              1 (logits)          s
+    vocab bias, T5 relative bias        1                   (rel. bias repeated over heads)
+
+Under the NTK parameterization (forward multiplier m = sqrt(extra / fan_in)) the rule applies to the
+effective weight W m; the stored weight is rescaled by m_small / m_big. Linear attention (post 8610) is
+exact with pure-repeat q and k in both grow modes (its normalised kernel cancels the k copies).
+
+RoPE with ``grow="head_dim"`` repeats pairs, (x1,x2,x3,x4) -> (x1,x2,x1,x2,x3,x4,x3,x4)/sqrt(k); copy r of
+pair i then rotates at theta_i * base^{-2r/(k d)}, so the logits drift with relative distance
+(``rope_widening_error``). ``grow="num_heads"`` keeps RoPE exact.
+
+Symmetry breaking (``noise``): a kernel whose input axis was repeated reads k identical copies of each
+input, so adding perturbations N_1..N_k with sum_r N_r = 0 to the copies' rows leaves every output exactly
+unchanged, while the backward pass through the perturbed rows now sends different gradients to the copies
+of the previous layer's units. Without noise, copies get identical gradients and stay identical forever.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kexue_jax.nn.attention import qk_init_variance_factor
+from kexue_jax.nn.transformer import HOMOGENEOUS_ACTIVATIONS, Transformer, TransformerConfig
+
+GROW_MODES = ("head_dim", "num_heads")
+Path = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WidenRules:
+    """Which version of each rule to apply. The defaults are the exact (corrected) rules; the other
+    values reproduce the post's literal text or naive variants, for regression tests and ablations.
+
+    ffn:            "two_step" (FFN-1 output a pure repeat; exact for any activation) or "plain"
+                    (W/k, b/sqrt(k) on both layers; exact only for ReLU/linear).
+    ffn2_bias:      "corrected" (b/sqrt(k), erratum E1) or "post" (the post's literal b/k).
+    mlm_norm:       "plain" (rep/sqrt(k), erratum E2) or "post" (the literal extra 1/sqrt(k): rep/k).
+    qk_compensation: True multiplies q and k by k^{1/4} under the 1/sqrt(d) scale; False omits it.
+    repetition:     "interleave" (the post) or "tile" ([x, x] blocks; scrambles heads when head_dim grows).
+    """
+
+    ffn: str = "two_step"
+    ffn2_bias: str = "corrected"
+    mlm_norm: str = "plain"
+    qk_compensation: bool = True
+    repetition: str = "interleave"
+
+    def __post_init__(self):
+        for name, allowed in (("ffn", ("two_step", "plain")), ("ffn2_bias", ("corrected", "post")),
+                              ("mlm_norm", ("plain", "post")), ("repetition", ("interleave", "tile"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"WidenRules.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
+def _check_factor(factor) -> int:
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)):
+        if isinstance(factor, float) and factor.is_integer():
+            factor = int(factor)
+        else:
+            raise ValueError(f"factor must be an integer >= 2 (widths grow by interleaved repetition; "
+                             f"a target width that is not an integer multiple is not supported), got {factor!r}")
+    if factor < 2:
+        raise ValueError(f"factor must be an integer >= 2, got {factor}")
+    return int(factor)
+
+
+def _check_grow(grow: str) -> None:
+    if grow not in GROW_MODES:
+        raise ValueError(f"grow must be one of {GROW_MODES}, got {grow!r}")
+
+
+def _ffn_rule(cfg: TransformerConfig, rules: WidenRules) -> str:
+    if rules.ffn == "plain" and cfg.ffn == "gated":
+        raise ValueError("WidenRules.ffn='plain' is not defined for a gated FFN; use 'two_step'")
+    return rules.ffn
+
+
+def widen_config(cfg: TransformerConfig, factor: int, *, grow: str = "head_dim",
+                 rules: WidenRules = WidenRules()) -> TransformerConfig:
+    """The config of the widened model: d_model, d_ff and head_dim (or num_heads) times k; eps -> eps/k
+    for norms whose input is scaled by 1/sqrt(k); the MLM-head norm (input a pure repeat) keeps its eps."""
+    k = _check_factor(factor)
+    _check_grow(grow)
+    head_eps = cfg.norm_eps if cfg.head_norm_eps is None else cfg.head_norm_eps
+    if _ffn_rule(cfg, rules) == "plain":
+        head_eps = head_eps / k
+    return cfg.replace(
+        d_model=cfg.d_model * k, d_ff=cfg.d_ff * k, norm_eps=cfg.norm_eps / k,
+        head_norm_eps=head_eps if cfg.head == "mlm" else cfg.head_norm_eps,
+        num_heads=cfg.num_heads * (k if grow == "num_heads" else 1),
+        head_dim=cfg.head_dim * (k if grow == "head_dim" else 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# The per-tensor rule: axis kinds, scalar factor on the effective weight, and the kernel's input axes.
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    axes: tuple[str, ...]  # model | ff | heads | head_dim | fixed
+    factor: float          # multiplies the repeated effective weight
+    in_axes: int = 0       # number of leading input axes (kernels), 0 for vectors/embeddings
+    qk: bool = False       # q/k kernel: the T5 init-variance factor enters its NTK multiplier
+
+
+def _qk_alpha(cfg: TransformerConfig, k: int, grow: str, rules: WidenRules) -> float:
+    """Scale of the widened q and k vectors: q~ = alpha rep(q) (see module table)."""
+    if cfg.token_mixer == "linear" or grow == "num_heads":
+        return 1.0
+    if not rules.qk_compensation:
+        return 1.0 / math.sqrt(k)
+    return {"sqrt": k ** -0.25, "t5": 1.0 / math.sqrt(k), "mup": 1.0}[cfg.attn_scale]
+
+
+def _rule(path: Path, cfg: TransformerConfig, k: int, grow: str, rules: WidenRules) -> _Rule:
+    s = 1.0 / math.sqrt(k)
+    two_step = _ffn_rule(cfg, rules) == "two_step"
+    name, parent = path[-1], (path[-2] if len(path) > 1 else "")
+    if parent == "embed":
+        return _Rule(("fixed", "model"), s)
+    if parent.endswith("norm"):
+        post_literal = parent == "mlm_norm" and rules.mlm_norm == "post"
+        return _Rule(("model",), s * s if post_literal else s)
+    if name == "rel_bias":
+        return _Rule(("fixed", "heads"), 1.0)
+    if name == "output_bias":
+        return _Rule(("fixed",), 1.0)
+    kind = path[-2] if name in ("kernel", "bias") else None
+    dense_out = {  # alpha_in, alpha_out, kernel axes, bias axes, extra
+        "query": (s, _qk_alpha(cfg, k, grow, rules), ("model", "heads", "head_dim"), ("heads", "head_dim"), True),
+        "value": (s, s, ("model", "heads", "head_dim"), ("heads", "head_dim"), False),
+        "out": (s, s, ("heads", "head_dim", "model"), ("model",), False),
+        "wi": (s, 1.0 if two_step else s, ("model", "ff"), ("ff",), False),
+        "wo": (1.0 if two_step else s, s, ("ff", "model"), ("model",), False),
+        "mlm_dense": (s, 1.0 if two_step else s, ("model", "model"), ("model",), False),
+        "head": (s, 1.0, ("model", "fixed"), ("fixed",), False),
+    }
+    dense_out["key"] = dense_out["query"]
+    dense_out["wi_gate"] = dense_out["wi"]
+    if kind not in dense_out:
+        raise ValueError(f"widen: no rule for parameter {'/'.join(path)}")
+    a_in, a_out, k_axes, b_axes, qk = dense_out[kind]
+    if name == "kernel":
+        return _Rule(k_axes, a_out / (k * a_in), in_axes=len(k_axes) - (2 if kind in ("query", "key", "value")
+                                                                       else 1), qk=qk)
+    if kind == "wo" and rules.ffn2_bias == "post":
+        return _Rule(b_axes, 1.0 / k)
+    return _Rule(b_axes, a_out)
+
+
+def _growth(axis_kind: str, k: int, grow: str) -> int:
+    grown = ("model", "ff", "heads" if grow == "num_heads" else "head_dim")
+    return k if axis_kind in grown else 1
+
+
+def _multiplier(cfg: TransformerConfig, shape: Sequence[int], rule: _Rule) -> float:
+    if not rule.in_axes:
+        return 1.0
+    extra = qk_init_variance_factor(cfg.attn_scale, cfg.mixer_head_dim) if rule.qk else 1.0
+    return cfg.kernel_multiplier(int(np.prod(shape[:rule.in_axes])), extra)
+
+
+def _pairwise(cfg: TransformerConfig, axis_kind: str, grow: str) -> bool:
+    """RoPE rotates pairs: under head_dim growth, repeat pairs rather than coordinates."""
+    return axis_kind == "head_dim" and grow == "head_dim" and cfg.position == "rope"
+
+
+def _repeat_axis(x, axis: int, k: int, pairwise: bool):
+    if not pairwise:
+        return jnp.repeat(x, k, axis=axis)
+    n = x.shape[axis]
+    xp = x.reshape(x.shape[:axis] + (n // 2, 2) + x.shape[axis + 1:])
+    return jnp.repeat(xp, k, axis=axis).reshape(x.shape[:axis] + (n * k,) + x.shape[axis + 1:])
+
+
+def _repeat(x, axes: tuple[str, ...], cfg: TransformerConfig, k: int, grow: str, repetition: str):
+    """Repeat x along every grown axis (interleaved, or tiled for the regression variant)."""
+    if repetition == "tile" and "heads" in axes and grow == "head_dim":
+        # Tiling a fused (heads * head_dim) axis, as a naive [x, x] copy of the projection does.
+        i = axes.index("heads")
+        fused = x.reshape(x.shape[:i] + (x.shape[i] * x.shape[i + 1],) + x.shape[i + 2:])
+        fused = jnp.concatenate([fused] * k, axis=i)
+        x = fused.reshape(x.shape[:i] + (x.shape[i], x.shape[i + 1] * k) + x.shape[i + 2:])
+        axes = axes[:i] + ("fixed", "fixed") + axes[i + 2:]
+    for ax, kind in enumerate(axes):
+        if _growth(kind, k, grow) > 1:
+            if repetition == "tile":
+                x = jnp.concatenate([x] * k, axis=ax)
+            else:
+                x = _repeat_axis(x, ax, k, _pairwise(cfg, kind, grow))
+    return x
+
+
+def _zero_sum_noise(key, shape, axis: int, k: int, pairwise: bool, dtype):
+    """Gaussian noise whose k copies along ``axis`` (interleaved layout) sum to zero."""
+    z = jax.random.normal(key, shape, jnp.float32)
+    n = shape[axis] // k
+    split = (n // 2, k, 2) if pairwise else (n, k)
+    zr = z.reshape(shape[:axis] + split + shape[axis + 1:])
+    zr = zr - zr.mean(axis=axis + 1, keepdims=True)
+    return zr.reshape(shape).astype(dtype)
+
+
+def _path_names(path) -> Path:
+    return tuple(getattr(p, "key", getattr(p, "name", str(p))) for p in path)
+
+
+def _check_tree(params, cfg: TransformerConfig) -> None:
+    """Raise a clear error if ``params`` is not a parameter tree of ``Transformer(cfg)``."""
+    expected = jax.eval_shape(lambda key: Transformer(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"],
+                              jax.random.PRNGKey(0))
+    exp = {_path_names(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+    got = {_path_names(p): jnp.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
+    if set(exp) != set(got):
+        missing, extra = sorted(set(exp) - set(got)), sorted(set(got) - set(exp))
+        raise ValueError(f"params do not match the config: missing {['/'.join(m) for m in missing][:5]}, "
+                         f"unexpected {['/'.join(e) for e in extra][:5]}")
+    for p, shape in exp.items():
+        if tuple(got[p]) != tuple(shape):
+            raise ValueError(f"params do not match the config: {'/'.join(p)} has shape {tuple(got[p])}, "
+                             f"the config implies {tuple(shape)}")
+
+
+def _map_leaves(fn: Callable, params, cfg: TransformerConfig, k: int, grow: str, rules: WidenRules):
+    """Apply fn(path, leaf, rule) to every leaf of a params-shaped tree."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: fn(_path_names(p), x, _rule(_path_names(p), cfg, k, grow, rules)), params)
+
+
+def widen_params(params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim", noise: float = 0.0,
+                 key=None, rules: WidenRules = WidenRules()):
+    """The widened parameter tree (jittable; see ``widen``)."""
+    k = _check_factor(factor)
+    _check_grow(grow)
+    if noise < 0:
+        raise ValueError(f"noise must be >= 0, got {noise}")
+    if noise > 0 and key is None:
+        raise ValueError("noise > 0 needs a PRNG key: widen(..., noise=..., key=jax.random.PRNGKey(0))")
+    if noise > 0 and rules.repetition != "interleave":
+        raise ValueError("noise needs WidenRules.repetition='interleave'")
+    _check_tree(params, cfg)
+    big_cfg = widen_config(cfg, k, grow=grow, rules=rules)
+    leaves = jax.tree_util.tree_leaves(params)
+    keys = iter(jax.random.split(key, len(leaves)) if noise > 0 else [None] * len(leaves))
+
+    def one(path, x, rule):
+        eff = x * jnp.asarray(_multiplier(cfg, x.shape, rule), x.dtype)
+        big = _repeat(eff, rule.axes, cfg, k, grow, rules.repetition) * jnp.asarray(rule.factor, x.dtype)
+        big = big / jnp.asarray(_multiplier(big_cfg, big.shape, rule), x.dtype)
+        sub = next(keys)
+        if noise > 0 and rule.in_axes:
+            grown = [i for i, kind in enumerate(rule.axes[:rule.in_axes]) if _growth(kind, k, grow) > 1]
+            rms = jnp.sqrt(jnp.mean(jnp.square(big.astype(jnp.float32)))).astype(x.dtype)
+            for ax in grown:
+                big = big + noise * rms * _zero_sum_noise(
+                    jax.random.fold_in(sub, ax), big.shape, ax, k, _pairwise(cfg, rule.axes[ax], grow), x.dtype)
+        return big
+
+    return _map_leaves(one, params, cfg, k, grow, rules)
+
+
+def widen(params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim", noise: float = 0.0,
+          key=None, rules: WidenRules = WidenRules()):
+    """Widen a Transformer k-fold so it computes the same function (kexue.fm/archives/8444).
+
+    Returns (big_params, big_cfg). ``grow`` picks what grows in attention: "head_dim" (the post) or
+    "num_heads" (heads x k, head_dim fixed). ``noise`` > 0 adds function-preserving zero-sum
+    perturbations (relative to each kernel's RMS) that break the symmetry of the copies; it needs ``key``.
+    Pure and jittable in ``params``: run ``widen_params`` under ``jax.jit(..., out_shardings=...)`` to grow
+    a sharded model in place (``widen_sharded``).
+    """
+    return (widen_params(params, cfg, factor, grow=grow, noise=noise, key=key, rules=rules),
+            widen_config(cfg, factor, grow=grow, rules=rules))
+
+
+def widen_sharded(params, cfg: TransformerConfig, factor: int, out_shardings, *, grow: str = "head_dim",
+                  noise: float = 0.0, key=None, rules: WidenRules = WidenRules()):
+    """``widen`` compiled with ``out_shardings`` (a pytree of shardings for the big tree, or a function
+    big_cfg -> that pytree): each device computes only its shard of the big parameters."""
+    big_cfg = widen_config(cfg, factor, grow=grow, rules=rules)
+    shardings = out_shardings(big_cfg) if callable(out_shardings) else out_shardings
+    fn = jax.jit(lambda p, kk: widen_params(p, cfg, factor, grow=grow, noise=noise, key=kk, rules=rules),
+                 out_shardings=shardings)
+    return fn(params, key), big_cfg
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizer state.
+
+def _copies(rule: _Rule, k: int, grow: str) -> int:
+    return int(np.prod([_growth(kind, k, grow) for kind in rule.axes]))
+
+
+def update_scales(params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim",
+                  rules: WidenRules = WidenRules()):
+    """Per-tensor c with theta~ = c rep(theta) (stored weights): a tree of scalars shaped like params.
+
+    Multiplying Adam's normalized update by c (``scale_updates``) makes the big model's update the exact
+    widened image c rep(u) of the small model's update (see ``widen_optimizer_state``)."""
+    k = _check_factor(factor)
+    big_cfg = widen_config(cfg, k, grow=grow, rules=rules)
+
+    def one(path, x, rule):
+        big_shape = tuple(d * _growth(kind, k, grow) for d, kind in zip(x.shape, rule.axes))
+        return jnp.asarray(rule.factor * _multiplier(cfg, x.shape, rule) / _multiplier(big_cfg, big_shape, rule),
+                           jnp.float32)
+
+    return _map_leaves(one, params, cfg, k, grow, rules)
+
+
+def scale_updates(scales) -> optax.GradientTransformation:
+    """Multiply each update leaf by a fixed per-tensor scale (a tree shaped like params)."""
+    return optax.stateless(lambda updates, params=None: jax.tree_util.tree_map(
+        lambda u, c: u * c.astype(u.dtype), updates, scales))
+
+
+def widen_optimizer_state(opt_state, params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim",
+                          rules: WidenRules = WidenRules()):
+    """Map Adam/AdamW state (mu, nu, count) to the widened model.
+
+    Derivation. With theta~ = c rep(theta) and copies of each entry receiving equal gradients, the
+    chain rule gives g~ = rep(g) / (c m), m = number of copies of each entry (k per grown axis). Adam's
+    moments are linear and quadratic in g, so mapping
+
+        mu~ = rep(mu) / (c m),     nu~ = rep(nu) / (c m)^2,     count~ = count
+
+    keeps them equal to the moments the big model would have accumulated on the same data, and the next
+    normalized step is mu^/(sqrt(nu^) + eps) = rep(mu^/(sqrt(nu^) + eps c m)), i.e. rep(u) up to eps.
+    The widened image of the small update is c rep(u): the two agree where c = 1 and, elsewhere, once the
+    update is multiplied by c (``scale_updates(update_scales(...))`` placed right after the Adam scaling,
+    before decoupled weight decay, which is already proportional to theta~). Gradient clipping by global
+    norm changes (||g~||^2 = sum ||g||^2 / (c^2 m)), so the equality needs clipping inactive.
+    """
+    k = _check_factor(factor)
+    _check_grow(grow)
+    _check_tree(params, cfg)
+    scales = update_scales(params, cfg, k, grow=grow, rules=rules)
+    rules_tree = jax.tree_util.tree_map_with_path(lambda p, x: _rule(_path_names(p), cfg, k, grow, rules), params)
+    param_struct = jax.tree_util.tree_structure(params)
+
+    def moment(tree, power):
+        return jax.tree_util.tree_map(
+            lambda x, c, rule: _repeat(x, rule.axes, cfg, k, grow, rules.repetition)
+            / (c * _copies(rule, k, grow)) ** power,
+            tree, scales, rules_tree, is_leaf=lambda r: isinstance(r, _Rule))
+
+    def visit(node):
+        if isinstance(node, optax.ScaleByAdamState):
+            return node._replace(mu=moment(node.mu, 1), nu=moment(node.nu, 2))
+        if jax.tree_util.tree_structure(node) == param_struct:
+            raise ValueError(f"widen_optimizer_state: unsupported params-shaped optimizer state "
+                             f"{type(node).__name__}; supported: optax Adam/AdamW (ScaleByAdamState)")
+        return node
+
+    def is_node(x):
+        return isinstance(x, optax.ScaleByAdamState) or (
+            not isinstance(x, (jax.Array, np.ndarray)) and jax.tree_util.tree_structure(x) == param_struct)
+
+    return jax.tree_util.tree_map(visit, opt_state, is_leaf=is_node)
+
+
+def rewarmup(steps: int) -> optax.GradientTransformation:
+    """Learning-rate re-warmup after widening: multiply updates by min(1, (n + 1) / steps), n counted
+    from the widening (Staged Training's re-warmup). Chain it after the big model's optimizer."""
+    if steps < 1:
+        raise ValueError(f"rewarmup steps must be >= 1, got {steps}")
+    return optax.scale_by_schedule(lambda n: jnp.minimum(1.0, (n + 1.0) / steps))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checking losslessness.
+
+def _rep_model(x, k: int):
+    return jnp.repeat(x, k, axis=-1)
+
+
+def assert_lossless(small_params, small_cfg: TransformerConfig, big_params, big_cfg: TransformerConfig, batch,
+                    *, atol: float = 1e-5, rtol: float = 1e-5, segment_ids=None):
+    """chex-check that the widened model computes the same function as the small one on ``batch``.
+
+    Checks (1) logits equal; (2) every hidden state h~ = rep(h)/sqrt(k) (the embedding output, each block
+    output, the final norm output and the MLM-head norm output) and the MLM-head dense output a pure
+    repeat; (3) every attention probability matrix equal per head (repeated over head copies under
+    grow="num_heads"). Tolerances are relative to each tensor's scale: |a - b| <= atol * max|b| + rtol |b|.
+    On failure raises AssertionError naming the layer and tensor with the largest deviation.
+    Returns a dict {tensor name: max abs deviation}.
+    """
+    k = big_cfg.d_model // small_cfg.d_model
+    if k * small_cfg.d_model != big_cfg.d_model or k < 2:
+        raise ValueError(f"big_cfg.d_model={big_cfg.d_model} is not an integer multiple >= 2 of "
+                         f"small_cfg.d_model={small_cfg.d_model}")
+    grow = "num_heads" if big_cfg.num_heads != small_cfg.num_heads else "head_dim"
+    tokens = jnp.asarray(batch["inputs"] if isinstance(batch, dict) else batch)
+    if segment_ids is None and isinstance(batch, dict):
+        segment_ids = batch.get("segment_ids")
+
+    def run(cfg, params):
+        return Transformer(cfg).apply({"params": params}, tokens, segment_ids, return_intermediates=True)
+
+    small_logits, small_aux = run(small_cfg, small_params)
+    big_logits, big_aux = run(big_cfg, big_params)
+    s = 1.0 / math.sqrt(k)
+    pairs: list[tuple[str, Any, Any]] = [("logits", big_logits, small_logits)]
+    for i, (hb, hs) in enumerate(zip(big_aux["hidden"], small_aux["hidden"])):
+        name = "embeddings" if i == 0 else f"layer_{i - 1}/output"
+        pairs.append((name, hb, s * _rep_model(hs, k)))
+    if "final" in small_aux:
+        pairs.append(("final_norm/output", big_aux["final"], s * _rep_model(small_aux["final"], k)))
+    if "mlm_hidden" in small_aux:
+        pairs.append(("mlm_dense/output", big_aux["mlm_hidden"], _rep_model(small_aux["mlm_hidden"], k)))
+        pairs.append(("mlm_norm/output", big_aux["mlm_normed"], s * _rep_model(small_aux["mlm_normed"], k)))
+    for i, (pb, ps) in enumerate(zip(big_aux["attention"], small_aux["attention"])):
+        if pb is None or ps is None:
+            continue
+        pairs.append((f"layer_{i}/attention_probs", pb, jnp.repeat(ps, k, axis=1) if grow == "num_heads" else ps))
+    report, worst = {}, ("", 0.0, 0.0)
+    for name, got, want in pairs:
+        chex.assert_equal_shape([got, want])
+        dev = float(jnp.max(jnp.abs(got - want)))
+        bound = atol * float(jnp.max(jnp.abs(want))) + rtol * float(jnp.max(jnp.abs(want)))
+        report[name] = dev
+        excess = dev / bound if bound > 0 else (math.inf if dev > 0 else 0.0)
+        if excess > worst[2]:
+            worst = (name, dev, excess)
+    if worst[2] > 1.0:
+        raise AssertionError(f"not lossless: largest deviation in {worst[0]} (max |diff| = {worst[1]:.3e}, "
+                             f"{worst[2]:.1f}x the tolerance atol={atol}, rtol={rtol} relative to its scale)")
+    return report
+
+
+def rope_widening_error(head_dim: int, factor: int, distances: Sequence[int], *, base: float = 10000.0,
+                        num_samples: int = 256, seed: int = 0) -> np.ndarray:
+    """Mean |logit~ - logit| of one RoPE head widened by pairwise repetition (grow="head_dim"), against
+    the relative distance m - n. Returns an array [len(distances)] (float64 numpy, 1/sqrt(d) scale).
+
+    The small logit is q R_{m-n} k / sqrt(d); the widened one uses the k copies of every pair, where copy
+    r of pair i rotates at theta_i base^{-2r/(k d)}, so the error is 0 at distance 0 and grows with it.
+    """
+    k = _check_factor(factor)
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((num_samples, head_dim))
+    kk = rng.standard_normal((num_samples, head_dim))
+
+    def logit(qv, kv, d, dist):
+        theta = base ** (-np.arange(0, d, 2) / d)
+        qc = qv[:, 0::2] + 1j * qv[:, 1::2]
+        kc = kv[:, 0::2] + 1j * kv[:, 1::2]
+        return np.real(np.sum(qc * np.conj(kc) * np.exp(1j * dist * theta), axis=-1)) / math.sqrt(d)
+
+    def widen_pairs(v):
+        pairs = v.reshape(v.shape[0], head_dim // 2, 2)
+        return np.repeat(pairs, k, axis=1).reshape(v.shape[0], head_dim * k) / math.sqrt(k)
+
+    c = math.sqrt(k) * k ** -0.25  # q~ = k^{-1/4} rep(q) under the 1/sqrt(d) scale
+    qb, kb = widen_pairs(q) * c, widen_pairs(kk) * c
+    return np.array([np.mean(np.abs(logit(qb, kb, head_dim * k, d) - logit(q, kk, head_dim, d)))
+                     for d in distances])
+
+
+# ------------------------------------------------------------------------------------------------
+# Depth.
+
+def deepen(params, cfg: TransformerConfig, insert_after: Sequence[int]):
+    """Insert exactly-identity layers (beyond the post). Returns (params, cfg).
+
+    ``insert_after``: indices of existing layers after which a new layer is inserted (-1: before the
+    first). The new layer copies its neighbour's weights (G_stack-style) with the residual branch outputs
+    (attention ``out`` and FFN ``wo``, kernel and bias) set to zero, so F(x) = 0 and the block
+    x + F(Norm x) (Pre-Norm) or x + alpha F(x) (alpha residual) is the identity. Post-Norm blocks
+    Norm(x + F(x)) are Norm(x), not the identity, so ``residual`` "post" and "alpha_post" raise.
+    """
+    if cfg.residual in ("post", "alpha_post"):
+        raise ValueError(f"deepen: residual={cfg.residual!r} cannot host an identity layer: the block is "
+                         f"Norm(x + F(x)), which is Norm(x) != x even when F = 0; use residual 'pre' or 'alpha'")
+    idx = sorted(int(i) for i in insert_after)
+    if any(i < -1 or i >= cfg.num_layers for i in idx):
+        raise ValueError(f"insert_after entries must be in [-1, {cfg.num_layers - 1}], got {list(insert_after)}")
+    _check_tree(params, cfg)
+    old = [params[f"layer_{i}"] for i in range(cfg.num_layers)]
+    kinds = list(cfg.masks_per_layer)
+
+    def identity_copy(layer):
+        out = jax.tree_util.tree_map(lambda x: x, layer)
+        out["attn"] = dict(out["attn"])
+        out["attn"]["out"] = jax.tree_util.tree_map(jnp.zeros_like, layer["attn"]["out"])
+        out["ffn"] = dict(out["ffn"])
+        out["ffn"]["wo"] = jax.tree_util.tree_map(jnp.zeros_like, layer["ffn"]["wo"])
+        return out
+
+    layers, new_kinds = [], []
+    for j in idx:
+        if j == -1:
+            layers.append(identity_copy(old[0]))
+            new_kinds.append(kinds[0])
+    for i in range(cfg.num_layers):
+        layers.append(old[i])
+        new_kinds.append(kinds[i])
+        for _ in range(idx.count(i)):
+            layers.append(identity_copy(old[i]))
+            new_kinds.append(kinds[i])
+    new_params = {key: v for key, v in params.items() if not key.startswith("layer_")}
+    new_params.update({f"layer_{i}": layer for i, layer in enumerate(layers)})
+    new_cfg = cfg.replace(num_layers=len(layers), layer_masks=tuple(new_kinds) if cfg.layer_masks else ())
+    return new_params, new_cfg

@@ -340,8 +340,28 @@ def _mean_cross_entropy(params: dict, z: Array, y: Array, weights: Array) -> Arr
     return jnp.sum(ce * weights) / jnp.sum(weights)
 
 
-def _gd_epoch(params, opt_state, key, z, y, *, optimizer, batch_size: int):
+def _adamw(learning_rate: float, weight_decay: float) -> optax.GradientTransformation:
+    """Adam with decoupled weight decay on ``W`` only (``weight_decay=0`` is plain Adam)."""
+    return optax.adamw(learning_rate, weight_decay=weight_decay, mask={"W": True, "b": False})
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "whiten", "learning_rate", "weight_decay"))
+def _gd_init(x, key, *, num_classes: int, whiten: bool, learning_rate: float, weight_decay: float):
+    """Whitening ``(mu, K)``, whitened ``z``, Glorot-uniform / zero parameters and the optimizer state."""
+    d = x.shape[1]
+    if whiten:
+        mu, K = whitening(x)
+    else:
+        mu, K = jnp.zeros(d, x.dtype), jnp.eye(d, dtype=x.dtype)
+    params = {"W": jax.nn.initializers.glorot_uniform()(key, (d, num_classes), x.dtype),
+              "b": jnp.zeros(num_classes, x.dtype)}
+    return mu, K, (x - mu) @ K, params, _adamw(learning_rate, weight_decay).init(params)
+
+
+@functools.partial(jax.jit, static_argnames=("learning_rate", "weight_decay", "batch_size"))
+def _gd_epoch(params, opt_state, key, z, y, *, learning_rate: float, weight_decay: float, batch_size: int):
     """One shuffled pass over ``(z, y)`` in minibatches; the last, partial batch is a masked mean."""
+    optimizer = _adamw(learning_rate, weight_decay)
     n = z.shape[0]
     steps = -(-n // batch_size)
     perm = jax.random.permutation(key, n)
@@ -357,6 +377,13 @@ def _gd_epoch(params, opt_state, key, z, y, *, optimizer, batch_size: int):
 
     (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, mask))
     return params, opt_state, jnp.mean(losses)
+
+
+@jax.jit
+def _gd_validate(params, z, y):
+    """Validation cross-entropy and accuracy of ``z W + b``."""
+    loss = _mean_cross_entropy(params, z, y, jnp.ones(z.shape[0], z.dtype))
+    return loss, jnp.mean(jnp.argmax(z @ params["W"] + params["b"], -1) == y)
 
 
 def fit_gd(x: Array, y: Array, *, key: Array, num_classes: int | None = None, whiten: bool = True,
@@ -403,36 +430,23 @@ def fit_gd(x: Array, y: Array, *, key: Array, num_classes: int | None = None, wh
             or isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == jnp.uint32):
         raise TypeError("key must be a jax PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed))")
 
-    n, d = x.shape
-    if whiten:
-        mu, K = jax.jit(whitening)(x)
-    else:
-        mu, K = jnp.zeros(d, x.dtype), jnp.eye(d, dtype=x.dtype)
-    z = (x - mu) @ K
     init_key, shuffle_key = jax.random.split(key)
-    params = {"W": jax.nn.initializers.glorot_uniform()(init_key, (d, num_classes), x.dtype),
-              "b": jnp.zeros(num_classes, x.dtype)}
-    optimizer = optax.adamw(learning_rate, weight_decay=weight_decay,
-                            mask={"W": True, "b": False})
-    opt_state = optimizer.init(params)
-    epoch_fn = jax.jit(functools.partial(_gd_epoch, optimizer=optimizer, batch_size=int(batch_size)))
-
+    hyper = {"learning_rate": float(learning_rate), "weight_decay": float(weight_decay)}
+    mu, K, z, params, opt_state = _gd_init(x, init_key, num_classes=num_classes, whiten=bool(whiten), **hyper)
     history: dict = {"train_loss": []}
     if validation is not None:
         z_val = (x_val - mu) @ K
-        ones_val = jnp.ones(z_val.shape[0], x.dtype)
-        valid_loss_fn = jax.jit(_mean_cross_entropy)
         history.update(valid_loss=[], valid_accuracy=[])
     best, best_loss, since_best = params, math.inf, 0
     epoch = 0
     for epoch in range(1, int(epochs) + 1):
-        params, opt_state, loss = epoch_fn(params, opt_state, jax.random.fold_in(shuffle_key, epoch), z, y)
+        params, opt_state, loss = _gd_epoch(params, opt_state, jax.random.fold_in(shuffle_key, epoch), z, y,
+                                            batch_size=int(batch_size), **hyper)
         history["train_loss"].append(float(loss))
         if validation is None:
             best = params
             continue
-        vloss = float(valid_loss_fn(params, z_val, y_val, ones_val))
-        vacc = float(jnp.mean(jnp.argmax(z_val @ params["W"] + params["b"], -1) == y_val))
+        vloss, vacc = (float(v) for v in _gd_validate(params, z_val, y_val))
         history["valid_loss"].append(vloss)
         history["valid_accuracy"].append(vacc)
         if vloss < best_loss:
@@ -594,14 +608,17 @@ def shakespeare_dataset(*, features: str = "minilm", max_samples: int | None = N
 POST_GD = {"learning_rate": 1e-3, "epochs": 10, "batch_size": 32, "weight_decay": 0.0}
 FAIR_GD = {"learning_rate": 1e-3, "epochs": 1000, "batch_size": 32, "weight_decay": 1e-2, "patience": 20}
 HOLDOUT_FRACTION = 0.1  # the fair GD's early-stopping split, carved from its training data
-METHODS = ("gd", "gd_fair", "analytic", "analytic_identity")
+METHODS = ("gd", "gd_fair", "analytic", "analytic_identity", "majority")
 METHOD_TITLES = {"gd": "GD (post)", "gd_fair": "GD (wd+early stop)", "analytic": "Analytic",
-                 "analytic_identity": "Analytic Σ=I"}
+                 "analytic_identity": "Analytic Σ=I", "majority": "Majority class"}
 
 
 def compare_methods(splits: dict, num_classes: int, *, seed: int, train_size: int | None = None,
                     post_gd: dict | None = None, fair_gd: dict | None = None) -> dict:
     """Train / valid / test accuracy of the methods of :data:`METHODS` on one dataset.
+
+    Methods: the post's GD (:data:`POST_GD`), the fairer GD (:data:`FAIR_GD`), the closed form, the
+    closed form with ``Sigma = I``, and the majority-class predictor (chance level).
 
     ``splits``: ``{"train": (x, y), "valid": (x, y), "test": (x, y)}`` (``x`` float64). ``train_size``:
     use a seeded random subset of that many training rows (the post's "1,000 samples"; ``None`` or a
@@ -626,7 +643,11 @@ def compare_methods(splits: dict, num_classes: int, *, seed: int, train_size: in
         start = time.perf_counter()
         info: dict = {}
         try:
-            if method == "gd":
+            if method == "majority":  # reference: always the most frequent training class
+                counts = np.bincount(y_tr, minlength=num_classes)
+                clf = LinearClassifier(jnp.zeros((x_tr.shape[1], num_classes)),
+                                       jnp.where(jnp.arange(num_classes) == counts.argmax(), 0.0, -1.0))
+            elif method == "gd":
                 clf, hist = fit_gd(f32(x_tr), y_tr, key=key, num_classes=num_classes, **post_gd)
             elif method == "gd_fair":
                 clf, hist = fit_gd(f32(x_tr[fit_idx]), y_tr[fit_idx], key=key, num_classes=num_classes,

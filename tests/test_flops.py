@@ -110,7 +110,8 @@ def _model(preset, seq_len, batch=2, **overrides):
     cfg = TransformerConfig.preset(preset, **fields)
     model = Transformer(cfg)
     tokens = (jnp.arange(batch * seq_len, dtype=jnp.int32) % cfg.vocab_size).reshape(batch, seq_len)
-    params = model.init(jax.random.PRNGKey(0), tokens)["params"]
+    # Abstract parameters (shapes only): tracing and lowering need no values.
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
     return cfg, (lambda p, t: model.apply({"params": p}, t)), params, tokens
 
 

@@ -1,0 +1,139 @@
+"""Experiment configs (ml_collections) and their validation.
+
+A config has the sections ``model`` (a ``TransformerConfig`` preset plus overrides of any field),
+``data``, ``optim``, ``train`` and ``parallel``. Every field of ``TransformerConfig`` is present in
+``config.model`` (None = the preset's value), so ``--config.model.<field>=...`` works for all of them.
+``validate`` checks everything and raises ValueError naming the field and the allowed values before any
+data is read or anything is compiled.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from kexue_jax.nn.transformer import TransformerConfig
+
+OBJECTIVES = ("lm", "mlm")
+SCHEDULES = ("cosine", "linear", "constant")
+MODES = ("sharded", "pmap")
+
+
+def _placeholder(field: dataclasses.Field):
+    hint = str(field.type)
+    if "tuple" in hint:
+        return config_dict.placeholder(tuple)
+    for name, typ in (("bool", bool), ("int", int), ("float", float), ("str", str)):
+        if hint.startswith(name) or hint.startswith(f"{name} |"):
+            return config_dict.placeholder(typ)
+    return config_dict.placeholder(object)
+
+
+def model_section(preset: str = "gpt", **overrides) -> ml_collections.ConfigDict:
+    """``preset`` plus one entry per TransformerConfig field (None = the preset's value)."""
+    section = ml_collections.ConfigDict({"preset": preset})
+    for field in dataclasses.fields(TransformerConfig):
+        section[field.name] = _placeholder(field)
+    for name, value in overrides.items():
+        if name not in section:
+            raise ValueError(f"unknown model field {name!r}")
+        section[name] = value
+    return section
+
+
+def base_config(experiment: str = "lm") -> ml_collections.ConfigDict:
+    """Defaults shared by all experiments (each config file edits them)."""
+    c = ml_collections.ConfigDict()
+    c.experiment = experiment
+    c.seed = 0
+    c.model = model_section("gpt")
+    c.data = ml_collections.ConfigDict(dict(
+        path="",            # "" = the embedded Shakespeare corpus; else a file, folder or glob of UTF-8 text
+        val_fraction=0.1, split_seed=0, seq_len=128, batch_size=32, objective="lm", mask_rate=0.15))
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=3e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
+        b1=0.9, b2=0.99, eps=1e-8, clip_norm=1.0))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=1000, grad_accum=1, log_every=50, eval_every=200, eval_batches=8, checkpoint_every=500,
+        keep_checkpoints=3, alpha_warmup_steps=0, plot=True))
+    c.parallel = ml_collections.ConfigDict(dict(mode="sharded", data=-1, fsdp=1))
+    return c
+
+
+def model_config(section) -> TransformerConfig:
+    """The TransformerConfig of a ``config.model`` section (raises its validation errors)."""
+    values = dict(section)
+    preset = values.pop("preset")
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if v is not None}
+    return TransformerConfig.preset(preset, **overrides)
+
+
+def _fail(field: str, allowed: str, got: Any):
+    raise ValueError(f"config.{field} must be {allowed}, got {got!r}")
+
+
+def _positive_int(c, field: str):
+    section, name = field.split(".")
+    v = c[section][name]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        _fail(field, "a positive integer", v)
+
+
+def validate(c, num_devices: int | None = None) -> TransformerConfig:
+    """Check a whole config; returns the model's TransformerConfig. ``num_devices`` (default: all)
+    checks that the batch splits over the devices."""
+    model_cfg = model_config(c.model)
+    for field in ("data.seq_len", "data.batch_size", "train.steps", "train.grad_accum", "train.log_every",
+                  "train.eval_every", "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints"):
+        _positive_int(c, field)
+    if c.data.objective not in OBJECTIVES:
+        _fail("data.objective", f"one of {OBJECTIVES}", c.data.objective)
+    if c.data.objective == "mlm" and model_cfg.mask == "causal":
+        _fail("model.mask", "not 'causal' with data.objective='mlm' (use preset 'bert' or mask='bidirectional')",
+              model_cfg.mask)
+    if not 0.0 < c.data.val_fraction < 1.0:
+        _fail("data.val_fraction", "a number in (0, 1)", c.data.val_fraction)
+    if not 0.0 < c.data.mask_rate < 1.0:
+        _fail("data.mask_rate", "a number in (0, 1)", c.data.mask_rate)
+    if model_cfg.position == "learned" and c.data.seq_len > model_cfg.max_len:
+        _fail("data.seq_len", f"<= model.max_len={model_cfg.max_len} with learned positions", c.data.seq_len)
+    if c.data.batch_size % c.train.grad_accum:
+        _fail("train.grad_accum", f"a divisor of data.batch_size={c.data.batch_size}", c.train.grad_accum)
+    if c.optim.schedule not in SCHEDULES:
+        _fail("optim.schedule", f"one of {SCHEDULES}", c.optim.schedule)
+    if not c.optim.lr > 0:
+        _fail("optim.lr", "a number > 0", c.optim.lr)
+    if c.optim.warmup_steps < 0 or c.optim.warmup_steps > c.train.steps:
+        _fail("optim.warmup_steps", f"in [0, train.steps={c.train.steps}]", c.optim.warmup_steps)
+    if not 0.0 <= c.optim.min_lr_ratio <= 1.0:
+        _fail("optim.min_lr_ratio", "a number in [0, 1]", c.optim.min_lr_ratio)
+    if c.optim.weight_decay < 0:
+        _fail("optim.weight_decay", "a number >= 0", c.optim.weight_decay)
+    if c.optim.clip_norm is not None and c.optim.clip_norm <= 0:
+        _fail("optim.clip_norm", "None or a number > 0", c.optim.clip_norm)
+    if c.train.alpha_warmup_steps < 0:
+        _fail("train.alpha_warmup_steps", "an integer >= 0", c.train.alpha_warmup_steps)
+    if c.parallel.mode not in MODES:
+        _fail("parallel.mode", f"one of {MODES}", c.parallel.mode)
+    if num_devices is not None:
+        micro = c.data.batch_size // c.train.grad_accum
+        if micro % num_devices:
+            _fail("data.batch_size", f"such that batch_size / grad_accum is divisible by the {num_devices} devices",
+                  c.data.batch_size)
+    return model_cfg
+
+
+def to_dict(c) -> dict:
+    """A JSON-serialisable dict of the config (for config.json)."""
+    def plain(v):
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            return {k: plain(x) for k, x in dict(v).items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(c.to_dict() if hasattr(c, "to_dict") else c)
+
+
+__all__ = ["base_config", "model_section", "model_config", "validate", "to_dict"]

@@ -9,11 +9,11 @@ Layers (jnp, jitted, forward, batch 1, fp32, Post-LN BERT wiring, h = 12, d = 64
   softmax   : explicit softmax(Q K^T / sqrt(d)) V (the h x n x n score matrix is materialised)
   linear_r1 : kexue_jax.nn.linear_attention (elu+1 features, non-causal), head size d
   linear_r4 : the same with head size 4d (q, k, v, o projections 4x wider)
-  ffn       : the FFN sub-layer alone (for the self-attention vs FFN crossover)
+  ffn, sa    : the FFN and the softmax self-attention sub-layers alone (for the SA vs FFN crossover)
 
 Prints one JSON line per n, then a summary JSON (last line); writes results JSON and a PNG to --out-dir.
 
-    python benchmarks/linear_attention_crossover.py [--ns 128 256 ... 16384] [--budget-s 3] [--max-score-gib 6]
+    python benchmarks/linear_attention_crossover.py [--ns 128 256 ... 16384] [--budget-s 12] [--max-score-gib 6]
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kexue_jax import flops
 from kexue_jax.nn.linear_attention import linear_attention
@@ -69,18 +68,28 @@ def make_layer(mixer):
     return jax.jit(lambda p, x: ffn_sublayer(p, attention_sublayer(p, x, mixer)))
 
 
-def time_fn(fn, args, budget_s, max_reps=5):
-    """Compile + warm-up call, then repeat until budget_s is spent (>= 1, <= max_reps timed calls)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    times = []
-    while len(times) < max_reps and (not times or sum(times) < budget_s):
-        t0 = time.perf_counter()
+def time_round_robin(fns, budget_s, max_rounds=7):
+    """Compile + warm up every fn, then time them in rounds (one call each per round) until budget_s is spent.
+
+    Interleaving keeps the comparison fair on a shared CPU: a slow spell hits all variants of a round alike.
+    Records wall time and this process's CPU time (all threads; robust to other processes competing for the
+    cores).  Returns {name: {"min_ms", "median_ms", "cpu_min_ms", "reps"}} (>= 1 timed call each).
+    """
+    for fn, args in fns.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return {"min_ms": 1e3 * min(times), "median_ms": 1e3 * statistics.median(times), "reps": len(times),
-            "first_call_s": first}
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
+    spent, rounds = 0.0, 0
+    while rounds < max_rounds and (rounds == 0 or spent < budget_s):
+        for name, (fn, args) in fns.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn(*args))
+            cpu[name].append(time.process_time() - c0)
+            wall[name].append(time.perf_counter() - t0)
+            spent += wall[name][-1]
+        rounds += 1
+    return {name: {"min_ms": 1e3 * min(wall[name]), "median_ms": 1e3 * statistics.median(wall[name]),
+                   "cpu_min_ms": 1e3 * min(cpu[name]), "reps": len(wall[name])} for name in fns}
 
 
 def crossover(ns, slow, fast):
@@ -103,31 +112,37 @@ def run(ns, budget_s, max_score_gib, out_dir, seed=0):
     params = {name: init_params(key, D_HEAD * r) for name, (_, r) in VARIANTS.items()}
     layers = {name: make_layer(mixer) for name, (mixer, _) in VARIANTS.items()}
     ffn = jax.jit(ffn_sublayer)
+    sa = jax.jit(lambda p, x: attention_sublayer(p, x, "attention"))
     rows = []
     for n in ns:
         x = jax.random.normal(jax.random.fold_in(key, n), (1, n, D_MODEL), jnp.float32)
         row = {"n": n}
         score_gib = H * n * n * 4 / 2**30
+        fns = {}
         for name, (mixer, r) in VARIANTS.items():
-            mults = flops.layer_mults(n, d_model=D_MODEL, num_heads=H, head_dim=D_HEAD, d_ff=D_FF,
-                                      token_mixer=mixer, linear_head_multiplier=r)["total"]
-            row[f"{name}_mults"] = mults
+            row[f"{name}_mults"] = flops.layer_mults(n, d_model=D_MODEL, num_heads=H, head_dim=D_HEAD, d_ff=D_FF,
+                                                     token_mixer=mixer, linear_head_multiplier=r)["total"]
             if mixer == "attention" and score_gib > max_score_gib:
-                row[f"{name}_ms"] = None
                 row[f"{name}_skipped"] = f"score matrix {score_gib:.1f} GiB > {max_score_gib} GiB"
                 continue
-            t = time_fn(layers[name], (params[name], x), budget_s)
-            row[f"{name}_ms"] = t["min_ms"]
-            row[f"{name}_median_ms"] = t["median_ms"]
-            row[f"{name}_reps"] = t["reps"]
-            row[f"{name}_gflops_per_s"] = 2 * mults / (t["min_ms"] * 1e6)
-        t = time_fn(ffn, (params["softmax"], x), budget_s)
-        row["ffn_ms"] = t["min_ms"]
+            fns[name] = (layers[name], (params[name], x))
+        fns["ffn"] = (ffn, (params["softmax"], x))
         row["ffn_mults"] = flops.ffn_mults(n, D_MODEL, D_FF)
+        if "softmax" in fns:
+            fns["sa"] = (sa, (params["softmax"], x))
+            row["sa_mults"] = row["softmax_mults"] - row["ffn_mults"]
+        timed = time_round_robin(fns, budget_s)
+        for name in list(VARIANTS) + ["ffn", "sa"]:
+            t = timed.get(name)
+            row[f"{name}_ms"] = None if t is None else t["min_ms"]
+            row[f"{name}_cpu_ms"] = None if t is None else t["cpu_min_ms"]
+            if t is not None:
+                row[f"{name}_median_ms"], row[f"{name}_reps"] = t["median_ms"], t["reps"]
+                row[f"{name}_gflops_per_s"] = 2 * row[f"{name}_mults"] / (t["min_ms"] * 1e6)
         if row["softmax_ms"] is not None:
-            row["sa_ms"] = row["softmax_ms"] - row["ffn_ms"]  # self-attention sub-layer = layer - FFN
-            row["linear_r4_over_softmax"] = row["linear_r4_ms"] / row["softmax_ms"]
-            row["linear_r1_over_softmax"] = row["linear_r1_ms"] / row["softmax_ms"]
+            for r in ("r1", "r4"):
+                row[f"linear_{r}_over_softmax"] = row[f"linear_{r}_ms"] / row["softmax_ms"]
+                row[f"linear_{r}_over_softmax_cpu"] = row[f"linear_{r}_cpu_ms"] / row["softmax_cpu_ms"]
         print(json.dumps(row), flush=True)
         rows.append(row)
 
@@ -139,11 +154,13 @@ def run(ns, budget_s, max_score_gib, out_dir, seed=0):
         "linear_r1_layer_crossover": flops.linear_layer_crossover_length(H, D_HEAD, 1),
         "linear_r4_layer_crossover": flops.linear_layer_crossover_length(H, D_HEAD, 4),
     }
-    measured = {
-        "sa_exceeds_ffn": crossover(ns, col("sa_ms"), col("ffn_ms")),  # FFN cheaper than SA
-        "linear_r1_layer_crossover": crossover(ns, col("softmax_ms"), col("linear_r1_ms")),
-        "linear_r4_layer_crossover": crossover(ns, col("softmax_ms"), col("linear_r4_ms")),
-    }
+    measured = {}
+    for clock, suffix in (("wall", "_ms"), ("cpu", "_cpu_ms")):
+        measured[clock] = {
+            "sa_exceeds_ffn": crossover(ns, col("sa" + suffix), col("ffn" + suffix)),  # FFN cheaper than SA
+            "linear_r1_layer_crossover": crossover(ns, col("softmax" + suffix), col("linear_r1" + suffix)),
+            "linear_r4_layer_crossover": crossover(ns, col("softmax" + suffix), col("linear_r4" + suffix)),
+        }
     summary = {
         "benchmark": "linear_attention_crossover", "post": "kexue.fm/archives/8610",
         "width": {"num_heads": H, "head_dim": D_HEAD, "d_model": D_MODEL, "d_ff": D_FF, "batch": 1,
@@ -152,7 +169,9 @@ def run(ns, budget_s, max_score_gib, out_dir, seed=0):
         "jax": jax.__version__, "budget_s": budget_s, "max_score_gib": max_score_gib,
         "skipped": {r["n"]: r["softmax_skipped"] for r in rows if "softmax_skipped" in r},
         "predicted": predicted, "measured": measured,
-        "note": "None = no crossover inside the measured grid; crossover n log-log interpolated between grid points",
+        "note": ("times are minima over interleaved rounds; 'cpu' = this process's CPU time (robust to other "
+                 "processes on a shared machine); None = no crossover inside the grid; crossover n log-log "
+                 "interpolated between grid points"),
     }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "linear_attention_crossover.json"), "w") as f:
@@ -170,23 +189,24 @@ def plot(rows, predicted, path):
 
     ns = [r["n"] for r in rows]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for key, label in [("softmax_ms", "softmax layer"), ("linear_r1_ms", "linear layer, head d"),
-                       ("linear_r4_ms", "linear layer, head 4d"), ("ffn_ms", "FFN sub-layer alone")]:
+    for key, label in [("softmax_cpu_ms", "softmax layer"), ("linear_r1_cpu_ms", "linear layer, head d"),
+                       ("linear_r4_cpu_ms", "linear layer, head 4d"), ("sa_cpu_ms", "softmax SA sub-layer alone"),
+                       ("ffn_cpu_ms", "FFN sub-layer alone")]:
         pts = [(n, r[key]) for n, r in zip(ns, rows) if r.get(key) is not None]
         ax.loglog(*zip(*pts), "o-", label=label)
     for key, style in [("sa_exceeds_ffn", ":"), ("quadratic_dominates", "--"), ("linear_r4_layer_crossover", "-.")]:
         ax.axvline(predicted[key], color="gray", ls=style, lw=1, label=f"predicted {key} = {predicted[key]:.0f}")
     ax.set_xlabel("sequence length n")
-    ax.set_ylabel("forward time per layer (ms, min)")
+    ax.set_ylabel("forward CPU time of this process (ms, min)")
     ax.set_title("BERT-base layer on CPU (h=12, d=64, batch 1)")
     ax.legend(fontsize=7)
     for key, label in [("softmax_mults", "softmax"), ("linear_r1_mults", "linear, head d"),
                        ("linear_r4_mults", "linear, head 4d")]:
-        ms = key.replace("_mults", "_ms")
+        ms = key.replace("_mults", "_cpu_ms")
         pts = [(n, r[ms] / r[key] * 1e9) for n, r in zip(ns, rows) if r.get(ms) is not None]
         ax2.semilogx(*zip(*pts), "o-", label=label)
     ax2.set_xlabel("sequence length n")
-    ax2.set_ylabel("ms per 1e9 multiplications")
+    ax2.set_ylabel("CPU ms per 1e9 multiplications")
     ax2.set_title("time / analytic multiplication count")
     ax2.legend(fontsize=7)
     fig.tight_layout()
@@ -197,7 +217,7 @@ def plot(rows, predicted, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--budget-s", type=float, default=3.0, help="timing budget per point (s) after warm-up")
+    parser.add_argument("--budget-s", type=float, default=12.0, help="timing budget per n (s) after warm-up")
     parser.add_argument("--max-score-gib", type=float, default=6.0, help="skip softmax when h n^2 fp32 exceeds this")
     parser.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()

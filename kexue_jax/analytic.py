@@ -65,7 +65,8 @@ __all__ = [
     "LinearClassifier", "SingularCovarianceError", "binary_form", "whitening", "class_statistics",
     "shared_covariance", "inverse_covariance", "closed_form_weights", "fold_whitening", "fit",
     "fit_gd", "accuracy", "split_indices", "FOLIO_GENRE", "GENRES", "spoken_lines", "byte_histogram",
-    "shakespeare_dataset", "tabular_dataset", "compare_methods", "format_table", "main",
+    "shakespeare_dataset", "tabular_dataset", "compare_methods", "format_table", "main", "POST_GD",
+    "FAIR_GD", "METHODS", "FEATURES",
 ]
 
 
@@ -345,17 +346,21 @@ def _adamw(learning_rate: float, weight_decay: float) -> optax.GradientTransform
     return optax.adamw(learning_rate, weight_decay=weight_decay, mask={"W": True, "b": False})
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "whiten", "learning_rate", "weight_decay"))
-def _gd_init(x, key, *, num_classes: int, whiten: bool, learning_rate: float, weight_decay: float):
-    """Whitening ``(mu, K)``, whitened ``z``, Glorot-uniform / zero parameters and the optimizer state."""
+@functools.partial(jax.jit, static_argnames=("num_classes", "whiten", "learning_rate", "weight_decay",
+                                             "compute_dtype"))
+def _gd_init(x, key, *, num_classes: int, whiten: bool, learning_rate: float, weight_decay: float,
+             compute_dtype):
+    """Whitening ``(mu, K)`` (in ``x``'s dtype), whitened ``z`` and Glorot-uniform / zero parameters (in
+    ``compute_dtype``), and the optimizer state."""
     d = x.shape[1]
     if whiten:
         mu, K = whitening(x)
     else:
         mu, K = jnp.zeros(d, x.dtype), jnp.eye(d, dtype=x.dtype)
-    params = {"W": jax.nn.initializers.glorot_uniform()(key, (d, num_classes), x.dtype),
-              "b": jnp.zeros(num_classes, x.dtype)}
-    return mu, K, (x - mu) @ K, params, _adamw(learning_rate, weight_decay).init(params)
+    params = {"W": jax.nn.initializers.glorot_uniform()(key, (d, num_classes), compute_dtype),
+              "b": jnp.zeros(num_classes, compute_dtype)}
+    z = ((x - mu) @ K).astype(compute_dtype)
+    return mu, K, z, params, _adamw(learning_rate, weight_decay).init(params)
 
 
 @functools.partial(jax.jit, static_argnames=("learning_rate", "weight_decay", "batch_size"))
@@ -389,7 +394,7 @@ def _gd_validate(params, z, y):
 def fit_gd(x: Array, y: Array, *, key: Array, num_classes: int | None = None, whiten: bool = True,
            learning_rate: float = 1e-3, epochs: int = 10, batch_size: int = 32,
            weight_decay: float = 0.0, validation: tuple[Array, Array] | None = None,
-           patience: int | None = None) -> tuple[LinearClassifier, dict]:
+           patience: int | None = None, compute_dtype=None) -> tuple[LinearClassifier, dict]:
     """Softmax regression by minibatch gradient descent (optax AdamW) on the same features as :func:`fit`.
 
     Minimises the mean cross-entropy ``-1/N sum_n ln softmax(z_n W + b)_{y_n}`` on whitened features
@@ -402,6 +407,10 @@ def fit_gd(x: Array, y: Array, *, key: Array, num_classes: int | None = None, wh
     * A fairer baseline: ``weight_decay > 0`` (decoupled, AdamW, on ``W`` only), ``validation=(x_val,
       y_val)`` -- the weights of the epoch with the lowest validation cross-entropy are returned -- and
       ``patience`` (stop after that many epochs without improvement).
+
+    ``compute_dtype`` (default: ``x``'s dtype): dtype of the optimisation, e.g. float32 with float64
+    ``x`` -- the whitening is then fitted in float64 (near-null directions of an ill-conditioned ``x``
+    are otherwise decided by float32 round-off) and the returned classifier is in ``x``'s dtype.
 
     Returns ``(classifier, history)``; ``history`` has ``train_loss`` and (with ``validation``)
     ``valid_loss`` / ``valid_accuracy`` per epoch, ``best_epoch`` (1-based) and ``epochs_run``.
@@ -426,16 +435,22 @@ def fit_gd(x: Array, y: Array, *, key: Array, num_classes: int | None = None, wh
         if x_val.shape[1] != x.shape[1]:
             raise ValueError(f"validation x must have d={x.shape[1]} columns like x, got {x_val.shape[1]}")
         x_val = x_val.astype(x.dtype)
+    if compute_dtype is None:
+        compute_dtype = x.dtype
+    compute_dtype = jnp.dtype(compute_dtype)
+    if not jnp.issubdtype(compute_dtype, jnp.floating):
+        raise ValueError(f"compute_dtype must be a floating dtype (float32, float64, ...), got {compute_dtype}")
     if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
             or isinstance(key, jax.Array) and key.shape == (2,) and key.dtype == jnp.uint32):
         raise TypeError("key must be a jax PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed))")
 
     init_key, shuffle_key = jax.random.split(key)
     hyper = {"learning_rate": float(learning_rate), "weight_decay": float(weight_decay)}
-    mu, K, z, params, opt_state = _gd_init(x, init_key, num_classes=num_classes, whiten=bool(whiten), **hyper)
+    mu, K, z, params, opt_state = _gd_init(x, init_key, num_classes=num_classes, whiten=bool(whiten),
+                                           compute_dtype=compute_dtype, **hyper)
     history: dict = {"train_loss": []}
     if validation is not None:
-        z_val = (x_val - mu) @ K
+        z_val = ((x_val - mu) @ K).astype(compute_dtype)
         history.update(valid_loss=[], valid_accuracy=[])
     best, best_loss, since_best = params, math.inf, 0
     epoch = 0
@@ -458,7 +473,7 @@ def fit_gd(x: Array, y: Array, *, key: Array, num_classes: int | None = None, wh
                 break
     history["epochs_run"] = epoch
     history.setdefault("best_epoch", epoch)
-    W, b = fold_whitening(best["W"], best["b"], mu, K)
+    W, b = fold_whitening(best["W"].astype(x.dtype), best["b"].astype(x.dtype), mu, K)
     return LinearClassifier(W, b), history
 
 
@@ -622,7 +637,8 @@ def compare_methods(splits: dict, num_classes: int, *, seed: int, train_size: in
 
     ``splits``: ``{"train": (x, y), "valid": (x, y), "test": (x, y)}`` (``x`` float64). ``train_size``:
     use a seeded random subset of that many training rows (the post's "1,000 samples"; ``None`` or a
-    size >= the training set means all). GD runs in float32, the closed form in the dtype of ``x``.
+    size >= the training set means all). GD optimises in float32 (``compute_dtype``), the whitening and
+    the closed form use the dtype of ``x``.
     ``gd_fair`` holds out :data:`HOLDOUT_FRACTION` of its training rows for early stopping; its train
     accuracy is measured on all the training rows. A singular ``Sigma`` is reported as ``None``.
     ``post_gd`` / ``fair_gd``: :func:`fit_gd` settings (default :data:`POST_GD` / :data:`FAIR_GD`).
@@ -637,7 +653,6 @@ def compare_methods(splits: dict, num_classes: int, *, seed: int, train_size: in
     evals = {"train": (x_tr, y_tr), "valid": splits["valid"], "test": splits["test"]}
     key = jax.random.key(seed)
     fit_idx, hold_idx = split_indices(n, seed=seed, fractions=(1 - HOLDOUT_FRACTION, HOLDOUT_FRACTION))
-    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     results: dict = {"n_train": n, "methods": {}}
     for method in METHODS:
         start = time.perf_counter()
@@ -648,10 +663,12 @@ def compare_methods(splits: dict, num_classes: int, *, seed: int, train_size: in
                 clf = LinearClassifier(jnp.zeros((x_tr.shape[1], num_classes)),
                                        jnp.where(jnp.arange(num_classes) == counts.argmax(), 0.0, -1.0))
             elif method == "gd":
-                clf, hist = fit_gd(f32(x_tr), y_tr, key=key, num_classes=num_classes, **post_gd)
+                clf, hist = fit_gd(x_tr, y_tr, key=key, num_classes=num_classes, compute_dtype=np.float32,
+                                   **post_gd)
             elif method == "gd_fair":
-                clf, hist = fit_gd(f32(x_tr[fit_idx]), y_tr[fit_idx], key=key, num_classes=num_classes,
-                                   validation=(f32(x_tr[hold_idx]), y_tr[hold_idx]), **fair_gd)
+                clf, hist = fit_gd(x_tr[fit_idx], y_tr[fit_idx], key=key, num_classes=num_classes,
+                                   validation=(x_tr[hold_idx], y_tr[hold_idx]), compute_dtype=np.float32,
+                                   **fair_gd)
                 info = {"best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"]}
             else:
                 clf = fit(x_tr, y_tr, num_classes=num_classes, identity_cov=method == "analytic_identity")
@@ -702,7 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiment", required=True, choices=["tabular", "shakespeare"])
     parser.add_argument("--features", default="minilm", choices=FEATURES,
                         help="shakespeare only: minilm (kexue_jax.hf.embed) or bytes (byte-histogram fallback)")
-    parser.add_argument("--out", default="results/analytic", help="folder for the JSON results")
+    parser.add_argument("--out", default="runs/analytic", help="folder for the JSON results")
     parser.add_argument("--seed", type=int, default=0, help="seed of the splits, subsets and GD")
     parser.add_argument("--small-size", type=int, default=1000, help="training rows of the second table")
     parser.add_argument("--max-samples", type=int, default=None, help="shakespeare only: subsample lines")

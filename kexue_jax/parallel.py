@@ -62,10 +62,11 @@ def param_spec(shape, fsdp: int, min_size: int = 2 ** 14) -> P:
     return P()
 
 
-def state_shardings(abstract_state, mesh: Mesh):
+def state_shardings(abstract_state, mesh: Mesh, min_size: int = 2 ** 14):
     """NamedShardings for every leaf of a (params or train-state) tree, by the FSDP rule."""
     fsdp = mesh.shape["fsdp"]
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, param_spec(jnp.shape(x), fsdp)), abstract_state)
+    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, param_spec(jnp.shape(x), fsdp, min_size)),
+                                  abstract_state)
 
 
 def init_sharded(init_fn, mesh: Mesh, *args):

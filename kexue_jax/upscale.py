@@ -43,6 +43,7 @@ of the previous layer's units. Without noise, copies get identical gradients and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Sequence
 
@@ -224,13 +225,14 @@ def _repeat(x, axes: tuple[str, ...], cfg: TransformerConfig, k: int, grow: str,
 
 
 def _zero_sum_noise(key, shape, axis: int, k: int, pairwise: bool, dtype):
-    """Gaussian noise whose k copies along ``axis`` (interleaved layout) sum to zero."""
-    z = jax.random.normal(key, shape, jnp.float32)
+    """Gaussian noise whose k copies along ``axis`` (interleaved layout) sum to zero: copies 1..k-1 are
+    drawn, the last is minus their sum (computed in ``dtype``, so exactly -z for k = 2 in any dtype)."""
     n = shape[axis] // k
     split = (n // 2, k, 2) if pairwise else (n, k)
-    zr = z.reshape(shape[:axis] + split + shape[axis + 1:])
-    zr = zr - zr.mean(axis=axis + 1, keepdims=True)
-    return zr.reshape(shape).astype(dtype)
+    full = shape[:axis] + split + shape[axis + 1:]
+    drawn = jax.random.normal(key, full[:axis + 1] + (k - 1,) + full[axis + 2:], jnp.float32).astype(dtype)
+    last = -jnp.sum(drawn, axis=axis + 1, keepdims=True)
+    return jnp.concatenate([drawn, last], axis=axis + 1).reshape(shape)
 
 
 def _path_names(path) -> Path:
@@ -301,8 +303,14 @@ def widen(params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim"
     Pure and jittable in ``params``: run ``widen_params`` under ``jax.jit(..., out_shardings=...)`` to grow
     a sharded model in place (``widen_sharded``).
     """
-    return (widen_params(params, cfg, factor, grow=grow, noise=noise, key=key, rules=rules),
-            widen_config(cfg, factor, grow=grow, rules=rules))
+    big_cfg = widen_config(cfg, factor, grow=grow, rules=rules)  # validates factor and grow first
+    _check_tree(params, cfg)
+    return _jitted_widen(cfg, int(factor), grow, float(noise), rules)(params, key), big_cfg
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_widen(cfg: TransformerConfig, factor: int, grow: str, noise: float, rules: WidenRules):
+    return jax.jit(lambda p, key: widen_params(p, cfg, factor, grow=grow, noise=noise, key=key, rules=rules))
 
 
 def widen_sharded(params, cfg: TransformerConfig, factor: int, out_shardings, *, grow: str = "head_dim",
@@ -335,7 +343,7 @@ def update_scales(params, cfg: TransformerConfig, factor: int, *, grow: str = "h
     def one(path, x, rule):
         big_shape = tuple(d * _growth(kind, k, grow) for d, kind in zip(x.shape, rule.axes))
         return jnp.asarray(rule.factor * _multiplier(cfg, x.shape, rule) / _multiplier(big_cfg, big_shape, rule),
-                           jnp.float32)
+                           x.dtype)
 
     return _map_leaves(one, params, cfg, k, grow, rules)
 
@@ -376,17 +384,22 @@ def widen_optimizer_state(opt_state, params, cfg: TransformerConfig, factor: int
             / (c * _copies(rule, k, grow)) ** power,
             tree, scales, rules_tree, is_leaf=lambda r: isinstance(r, _Rule))
 
+    def params_shaped(x):
+        return not isinstance(x, (jax.Array, np.ndarray)) and jax.tree_util.tree_structure(x) == param_struct
+
+    def holds_params(x):  # an optimizer-state namedtuple with a params-shaped field
+        return hasattr(x, "_fields") and any(params_shaped(getattr(x, f)) for f in x._fields)
+
     def visit(node):
         if isinstance(node, optax.ScaleByAdamState):
             return node._replace(mu=moment(node.mu, 1), nu=moment(node.nu, 2))
-        if jax.tree_util.tree_structure(node) == param_struct:
+        if holds_params(node) or params_shaped(node):
             raise ValueError(f"widen_optimizer_state: unsupported params-shaped optimizer state "
                              f"{type(node).__name__}; supported: optax Adam/AdamW (ScaleByAdamState)")
         return node
 
     def is_node(x):
-        return isinstance(x, optax.ScaleByAdamState) or (
-            not isinstance(x, (jax.Array, np.ndarray)) and jax.tree_util.tree_structure(x) == param_struct)
+        return isinstance(x, optax.ScaleByAdamState) or holds_params(x) or params_shaped(x)
 
     return jax.tree_util.tree_map(visit, opt_state, is_leaf=is_node)
 
@@ -427,12 +440,14 @@ def assert_lossless(small_params, small_cfg: TransformerConfig, big_params, big_
         segment_ids = batch.get("segment_ids")
 
     def run(cfg, params):
-        return Transformer(cfg).apply({"params": params}, tokens, segment_ids, return_intermediates=True)
+        return _jitted_intermediates(cfg)(params, tokens, segment_ids)
 
     small_logits, small_aux = run(small_cfg, small_params)
     big_logits, big_aux = run(big_cfg, big_params)
     s = 1.0 / math.sqrt(k)
-    pairs: list[tuple[str, Any, Any]] = [("logits", big_logits, small_logits)]
+    # logits are unchanged; with head="none" the output is the final hidden state, rep(h)/sqrt(k)
+    want_out = s * _rep_model(small_logits, k) if small_cfg.head == "none" else small_logits
+    pairs: list[tuple[str, Any, Any]] = [("logits", big_logits, want_out)]
     for i, (hb, hs) in enumerate(zip(big_aux["hidden"], small_aux["hidden"])):
         name = "embeddings" if i == 0 else f"layer_{i - 1}/output"
         pairs.append((name, hb, s * _rep_model(hs, k)))
@@ -458,6 +473,11 @@ def assert_lossless(small_params, small_cfg: TransformerConfig, big_params, big_
         raise AssertionError(f"not lossless: largest deviation in {worst[0]} (max |diff| = {worst[1]:.3e}, "
                              f"{worst[2]:.1f}x the tolerance atol={atol}, rtol={rtol} relative to its scale)")
     return report
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_intermediates(cfg: TransformerConfig):
+    return jax.jit(lambda p, t, s: Transformer(cfg).apply({"params": p}, t, s, return_intermediates=True))
 
 
 def rope_widening_error(head_dim: int, factor: int, distances: Sequence[int], *, base: float = 10000.0,

@@ -52,6 +52,7 @@ def test_fit_improves_with_head_size_and_is_deterministic(norm):
 
 def test_grid_and_saturation_dim():
     assert ar.head_dim_grid(16) == [1, 2, 3, 4, 6, 8, 11, 16]
+    assert ar.head_dim_grid(300) == [1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 128, 256, 300]
     ds, r = [1, 2, 4, 8], [0.1, 0.5, 0.9, 0.99]
     assert ar.saturation_dim(ds, r, 0.9) == pytest.approx(4.0)
     assert ar.saturation_dim(ds, r, 0.7) == pytest.approx(math.exp(math.log(2) + 0.5 * math.log(2)))
@@ -79,6 +80,8 @@ def test_sweep_tiny_and_cli(tmp_path):
     (lambda: ar.fit_attention(jnp.ones((4, 4)) / 4, 0, key=jax.random.PRNGKey(0)), "head_dim"),
     (lambda: ar.fit_attention(jnp.ones((4, 4)) / 4, 2, key=jax.random.PRNGKey(0), steps=0), "steps"),
     (lambda: ar.fit_attention(jnp.ones((4, 4)) / 4, 2, key=jax.random.PRNGKey(0), norm="x"), "norm"),
+    (lambda: ar.fit_attention(jnp.ones((4, 4)) / 4, 2, key=jax.random.PRNGKey(0), learning_rate=0.0),
+     "learning_rate"),
 ])
 def test_bad_arguments(call, word):
     with pytest.raises(ValueError, match=word):

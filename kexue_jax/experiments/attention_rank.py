@@ -26,7 +26,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from kexue_jax import dims
@@ -81,6 +80,8 @@ def fit_attention(target, head_dim: int, *, key, steps: int = 1000, learning_rat
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
     return float(_fit(target, key, head_dim, steps, float(learning_rate), norm))
 
 
@@ -102,14 +103,17 @@ def _fit(target, key, head_dim, steps, learning_rate, norm):
     return loss(params)
 
 
-def head_dim_grid(length: int, ratio: float = math.sqrt(2.0)) -> list[int]:
-    """Geometric grid of head sizes 1, 2, 3, 4, 6, 8, 11, 16, ... up to the length L (d >= L - 1 fits anything)."""
+def head_dim_grid(length: int, ratio: float = math.sqrt(2.0), coarse_above: int = 64) -> list[int]:
+    """Head sizes 1, 2, 3, 4, 6, 8, 11, 16, ... (ratio sqrt 2), doubling above `coarse_above`, up to the length L.
+
+    d >= L - 1 fits any target exactly, so the grid ends at L; the coarser steps above 64 keep the sweep cheap.
+    """
     out, x = [], 1.0
     while round(x) <= length:
         if round(x) not in out:
             out.append(int(round(x)))
-        x *= ratio
-    return out
+        x = x * (2.0 if round(x) >= coarse_above else ratio)
+    return out if out[-1] == length else out + [length]
 
 
 def saturation_dim(head_dims, explained, level: float):

@@ -137,7 +137,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    dropout = dropout_rate > 0.0 and dropout_rng is not None
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate!r}")
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError("dropout_rng is required when dropout_rate > 0 (pass dropout_rate=0.0 to disable)")
+    dropout = dropout_rate > 0.0
     fused_ok = not return_probs and not dropout and q.dtype != jnp.float64
     if implementation in ("xla", "cudnn") or (implementation == "auto" and fused_ok):
         if not fused_ok:

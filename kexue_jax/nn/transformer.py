@@ -18,7 +18,8 @@ Parameter tree (plain nested dict; the upscaling maps of ``kexue_jax.upscale`` a
     head/kernel [D, V]?                              (untied output layer)
     output_bias [V]?                                 (MLM head vocab bias)
 
-``Transformer(cfg).apply({"params": p}, tokens, segment_ids=None, ...)`` returns logits [B, L, V];
+``Transformer(cfg).apply({"params": p}, tokens, segment_ids=None, ...)`` returns logits [B, L, V]
+(the final hidden states [B, L, D] with ``head="none"``);
 with ``return_intermediates=True`` it returns (logits, aux) where aux holds the hidden state entering
 the first block and after every block, the final-norm output, the MLM-head hidden states and each
 layer's attention probabilities (what the lossless-upscaling check compares).
@@ -49,7 +50,7 @@ ACTIVATIONS = {
 HOMOGENEOUS_ACTIVATIONS = ("relu", "linear")
 FFNS = ("plain", "gated")
 POSITIONS = ("learned", "rope", "relative", "none")
-HEADS = ("lm", "mlm")
+HEADS = ("lm", "mlm", "none")
 PARAMETERIZATIONS = ("standard", "ntk")
 TOKEN_MIXERS = ("attention", "linear")
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -104,7 +105,7 @@ class TransformerConfig:
     layer_masks: tuple[str, ...] = ()  # per-layer override of ``mask`` (UniVAE: independent then uniae)
     token_mixer: str = "attention"    # attention | linear (kexue.fm/archives/8610)
     linear_head_multiplier: int = 1   # head size r * head_dim for linear attention
-    head: str = "lm"                  # lm (logits = h E^T or h W) | mlm (dense + act + norm + E^T + bias)
+    head: str = "lm"                  # lm (h E^T or h W) | mlm (dense + act + norm + E^T + bias) | none (h)
     tie_embeddings: bool = True
     init_std: float | None = 0.02     # None: second-moment (LeCun) init, embeddings N(0, 1/D)
     parameterization: str = "standard"  # standard | ntk (W ~ N(0,1), forward x 1/sqrt(fan_in))
@@ -119,7 +120,8 @@ class TransformerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 _fail(name, "a positive integer", value)
-        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+        if (not isinstance(self.type_vocab_size, int) or isinstance(self.type_vocab_size, bool)
+                or self.type_vocab_size < 0):
             _fail("type_vocab_size", "an integer >= 0", self.type_vocab_size)
         choices = dict(position=POSITIONS, norm=NORMS, residual=RESIDUALS, activation=tuple(ACTIVATIONS),
                        ffn=FFNS, attn_scale=ATTN_SCALES, mask=masks_lib.MASKS, token_mixer=TOKEN_MIXERS,
@@ -139,8 +141,14 @@ class TransformerConfig:
         for name in ("norm_eps", "rope_base"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 _fail(name, "a number > 0", getattr(self, name))
-        if self.head_norm_eps is not None and not self.head_norm_eps > 0:
+        if self.head_norm_eps is not None and not (isinstance(self.head_norm_eps, (int, float))
+                                                   and self.head_norm_eps > 0):
             _fail("head_norm_eps", "None or a number > 0", self.head_norm_eps)
+        for name in ("embed_norm", "use_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, "True or False", getattr(self, name))
+        if self.final_norm is not None and not isinstance(self.final_norm, bool):
+            _fail("final_norm", "None (automatic), True or False", self.final_norm)
         if self.init_std is not None and not (isinstance(self.init_std, (int, float)) and self.init_std > 0):
             _fail("init_std", "None (second-moment init) or a number > 0", self.init_std)
         if not (isinstance(self.dropout_rate, (int, float)) and 0.0 <= self.dropout_rate < 1.0):
@@ -300,16 +308,22 @@ class Transformer(nn.Module):
         b, n = tokens.shape
         if cfg.position == "learned" and n > cfg.max_len:
             raise ValueError(f"sequence length {n} exceeds TransformerConfig.max_len={cfg.max_len}")
+        if inject is not None and any(not (isinstance(i, int) and 0 <= i < cfg.num_layers) for i in inject):
+            raise ValueError(f"inject keys must be layer indices in [0, {cfg.num_layers}), got {sorted(inject)}")
         if segment_ids is None:
             segment_ids = jnp.zeros((b, n), jnp.int32)
-        if positions is None:
+        default_positions = positions is None
+        if default_positions:
             positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
         dt = cfg.compute_dtype
 
         token_table = self.param("embed", lambda k: _embed_params(k, cfg))
         x = jnp.take(token_table["token"], tokens, axis=0).astype(dt)
         if cfg.position == "learned":
-            x = x + jnp.take(token_table["position"], positions, axis=0).astype(dt)
+            if default_positions:  # a slice: its gradient is a sum over the batch, not a scatter-add
+                x = x + token_table["position"][:n].astype(dt)[None]
+            else:
+                x = x + jnp.take(token_table["position"], positions, axis=0).astype(dt)
         if cfg.type_vocab_size:
             x = x + jnp.take(token_table["segment"], segment_ids, axis=0).astype(dt)
         if cfg.embed_norm:
@@ -366,8 +380,11 @@ def _embed_params(key, cfg: TransformerConfig) -> dict:
 
 
 def _output_head(module: nn.Module, cfg: TransformerConfig, x, token_table, aux: dict):
-    """Logits: [MLM dense + act + norm], then h E^T (tied) or h W (untied), [+ vocab bias]."""
+    """Logits: [MLM dense + act + norm], then h E^T (tied) or h W (untied), [+ vocab bias].
+    With head="none" the final hidden states [B, L, d_model] are returned (encoders, sentence embeddings)."""
     dt = cfg.compute_dtype
+    if cfg.head == "none":
+        return x
     if cfg.head == "mlm":
         dense = Dense((cfg.d_model,), use_bias=cfg.use_bias, kernel_init=cfg.kernel_init(),
                       multiplier=cfg.kernel_multiplier(cfg.d_model), dtype=dt,

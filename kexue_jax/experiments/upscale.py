@@ -1,0 +1,220 @@
+"""The main job: train small, widen losslessly, keep training big; compare with training big from scratch.
+
+``python train.py --config=configs/upscale.py`` (kexue.fm/archives/8444).
+
+Arm A trains the small model for ``upscale.widen_at`` steps, widens it k-fold (params and Adam state,
+``kexue_jax.upscale``), checks ``assert_lossless`` on a validation batch, and continues with the big
+model to ``train.steps``. Arm B trains the big model from scratch for ``train.steps``. Both arms see the
+same batch at every step (batches depend only on (seed, step)) and the same learning-rate schedule.
+
+Compute is counted as training FLOPs (``kexue_jax.flops.training_flops``: 6 x multiplications). The
+compute saving is
+
+    compute_saving = FLOPs arm B needs to reach its final validation loss
+                     / FLOPs arm A needs to reach that loss (small-model training included),
+
+with the crossing found by linear interpolation between evaluations (None if arm A never reaches it).
+Outputs in the workdir: a table on stdout, ``report.json`` and ``compute.png`` (validation loss against
+training FLOPs for both arms); each phase has its own sub-directory with metrics and checkpoints, so a
+killed job resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kexue_jax import config as config_lib
+from kexue_jax import training, upscale
+from kexue_jax.nn import Transformer, TransformerConfig
+
+GROW_MODES = upscale.GROW_MODES
+
+
+def validate(config) -> TransformerConfig:
+    """Everything about the run, checked before any data is read or anything compiles."""
+    small = config_lib.validate(config, num_devices=jax.device_count())
+    u = config.upscale
+    upscale.widen_config(small, u.factor, grow=u.grow)  # factor/grow errors
+    if not isinstance(u.widen_at, int) or not 0 < u.widen_at < config.train.steps:
+        raise ValueError(f"config.upscale.widen_at must be an integer in (0, train.steps={config.train.steps}), "
+                         f"got {u.widen_at!r}")
+    if u.noise < 0:
+        raise ValueError(f"config.upscale.noise must be >= 0, got {u.noise!r}")
+    if u.rewarmup_steps < 0:
+        raise ValueError(f"config.upscale.rewarmup_steps must be >= 0, got {u.rewarmup_steps!r}")
+    for arm in u.arms:
+        if arm not in ("upscaled", "scratch"):
+            raise ValueError(f"config.upscale.arms must be a subset of ('upscaled', 'scratch'), got {tuple(u.arms)}")
+    return small
+
+
+def _reset_schedule_count(opt_state, step: int):
+    """A fresh optimizer state whose learning-rate schedule continues at ``step``."""
+    def visit(node):
+        if isinstance(node, optax.ScaleByScheduleState):
+            return node._replace(count=jnp.asarray(step, node.count.dtype))
+        return node
+    return jax.tree_util.tree_map(visit, opt_state, is_leaf=lambda n: isinstance(n, optax.ScaleByScheduleState))
+
+
+def flops_to_reach(history: list[dict], target: float) -> float | None:
+    """First training-FLOPs value where the validation loss reaches ``target`` (linear interpolation
+    between evaluations); None if it never does."""
+    pts = [(h["flops"], h["val_loss"]) for h in history if "val_loss" in h]
+    for (f0, l0), (f1, l1) in zip(pts, pts[1:]):
+        if l1 <= target:
+            if l0 <= target:
+                return f0
+            return f0 + (f1 - f0) * (l0 - target) / (l0 - l1)
+    if pts and pts[0][1] <= target:
+        return pts[0][0]
+    return None
+
+
+def compute_saving(upscaled: list[dict], scratch: list[dict]) -> dict:
+    """The report's compute figures from the two arms' (flops, val_loss) histories."""
+    target = scratch[-1]["val_loss"]
+    fb, fa = flops_to_reach(scratch, target), flops_to_reach(upscaled, target)
+    return {"target_loss": target, "flops_to_target_scratch": fb, "flops_to_target_upscaled": fa,
+            "compute_saving": (fb / fa) if fa else None}
+
+
+def _plot(path: str, arms: dict[str, list[dict]], widen_flops: float | None) -> bool:
+    try:
+        import matplotlib  # noqa: PLC0415 (optional)
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        print("matplotlib is not installed: skipping compute.png")
+        return False
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, hist in arms.items():
+        pts = [(h["flops"], h["val_loss"]) for h in hist if "val_loss" in h]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+    if widen_flops is not None:
+        ax.axvline(widen_flops, color="gray", ls=":", label="widen")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title("lossless upscaling (kexue.fm/archives/8444)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run(config, workdir: str) -> dict:
+    """Run both arms and write the report (see module docstring). Returns the report dict."""
+    small_cfg = validate(config)
+    u = config.upscale
+    big_cfg = upscale.widen_config(small_cfg, u.factor, grow=u.grow)
+    corpus = training.load_corpus(config.data)
+    mesh = training.build_mesh(config)
+    steps, s_at = config.train.steps, u.widen_at
+    say = training._say
+    say(f"small: d_model {small_cfg.d_model}, heads {small_cfg.num_heads} x {small_cfg.head_dim}, "
+        f"d_ff {small_cfg.d_ff}; big (x{u.factor}, grow={u.grow}): d_model {big_cfg.d_model}, heads "
+        f"{big_cfg.num_heads} x {big_cfg.head_dim}, d_ff {big_cfg.d_ff}; widen at step {s_at}/{steps}")
+    os.makedirs(workdir, exist_ok=True)
+    seq_len = config.data.seq_len
+    schedule = training.make_schedule(config.optim, steps)
+    report: dict = {"factor": u.factor, "grow": u.grow, "noise": u.noise, "map_optimizer": u.map_optimizer,
+                    "scale_updates": u.scale_updates, "rewarmup_steps": u.rewarmup_steps, "widen_at": s_at,
+                    "steps": steps, "small_model": small_cfg.to_dict(), "big_model": big_cfg.to_dict()}
+    arms: dict[str, list[dict]] = {}
+
+    if "upscaled" in u.arms:
+        # -- arm A, phase 1: the small model --------------------------------------------------
+        tx_small = training.make_optimizer(config.optim, steps)
+        small_model = Transformer(small_cfg)
+        small = training.run_phase(training.Phase(
+            model_cfg=small_cfg, tx=tx_small, start=0, end=s_at, workdir=os.path.join(workdir, "a_small"),
+            init=lambda key: training.init_state(small_model, tx_small, key, seq_len), name="A small",
+            schedule=schedule), config, corpus, mesh)
+        state = jax.device_get(small.state)
+        # -- widen ------------------------------------------------------------------------------
+        key = jax.random.PRNGKey(config.seed + 1)
+        big_params, _ = upscale.widen(state.params, small_cfg, u.factor, grow=u.grow, noise=u.noise, key=key)
+        scales = (upscale.update_scales(state.params, small_cfg, u.factor, grow=u.grow)
+                  if u.scale_updates else None)
+        tx_big = training.make_optimizer(config.optim, steps, update_scales=scales,
+                                         rewarmup_from=s_at if u.rewarmup_steps else None,
+                                         rewarmup_steps=u.rewarmup_steps)
+        if u.map_optimizer:
+            big_opt = upscale.widen_optimizer_state(state.opt_state, state.params, small_cfg, u.factor, grow=u.grow)
+        else:
+            big_opt = _reset_schedule_count(tx_big.init(big_params), s_at)
+        val = training.eval_host_batches(corpus, config.data, 1, config.seed)[0]
+        lossless = upscale.assert_lossless(state.params, small_cfg, big_params, big_cfg,
+                                           {"inputs": val["inputs"][:4]}, atol=u.lossless_atol, rtol=0.0)
+        small_logits = Transformer(small_cfg).apply({"params": state.params}, val["inputs"][:4])
+        big_logits = Transformer(big_cfg).apply({"params": big_params}, val["inputs"][:4])
+        report["max_abs_logit_diff"] = float(jnp.max(jnp.abs(small_logits - big_logits)))
+        report["logit_scale"] = float(jnp.max(jnp.abs(small_logits)))
+        report["lossless_check"] = {k: v for k, v in lossless.items()}
+        say(f"widened x{u.factor}: assert_lossless passed, max |logit diff| = {report['max_abs_logit_diff']:.2e} "
+            f"(logit scale {report['logit_scale']:.1f})")
+        big_state = training.TrainState(step=jnp.asarray(s_at, jnp.int32), params=big_params, opt_state=big_opt)
+        # -- arm A, phase 2: the widened model ---------------------------------------------------
+        small_flops = s_at * small.flops_per_step
+        big_a = training.run_phase(training.Phase(
+            model_cfg=big_cfg, tx=tx_big, start=s_at, end=steps, workdir=os.path.join(workdir, "a_big"),
+            state=big_state, flops_offset=small_flops, name="A widened", schedule=schedule), config, corpus, mesh)
+        report["loss_before_widen"] = small.history[-1]["val_loss"]
+        report["loss_after_widen"] = big_a.history[0]["val_loss"] if big_a.resumed_from is None else None
+        report["final_loss_upscaled"] = big_a.history[-1]["val_loss"]
+        report["flops_upscaled_total"] = small_flops + (steps - s_at) * big_a.flops_per_step
+        arms["upscaled (A)"] = small.history + big_a.history[1:]
+        report["widen_flops"] = small_flops
+
+    if "scratch" in u.arms:
+        tx_b = training.make_optimizer(config.optim, steps)
+        big_model = Transformer(big_cfg)
+        scratch = training.run_phase(training.Phase(
+            model_cfg=big_cfg, tx=tx_b, start=0, end=steps, workdir=os.path.join(workdir, "b_scratch"),
+            init=lambda key: training.init_state(big_model, tx_b, key, seq_len), name="B scratch",
+            schedule=schedule), config, corpus, mesh)
+        report["final_loss_scratch"] = scratch.history[-1]["val_loss"]
+        report["flops_scratch_total"] = steps * scratch.flops_per_step
+        arms["scratch (B)"] = scratch.history
+
+    if len(arms) == 2:
+        report.update(compute_saving(arms["upscaled (A)"], arms["scratch (B)"]))
+    report["curves"] = {name: [{"step": h["step"], "flops": h["flops"], "val_loss": h["val_loss"]} for h in hist]
+                        for name, hist in arms.items()}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "report.json"), "w") as f:
+            json.dump(report, f, indent=2)
+        if config.train.plot:
+            _plot(os.path.join(workdir, "compute.png"), arms, report.get("widen_flops"))
+        print(format_table(report), flush=True)
+    return report
+
+
+def format_table(report: dict) -> str:
+    """The end-of-run table."""
+    def fmt(v):
+        if v is None:
+            return "not reached"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return str(v)
+    rows = [("max |logit diff| after widening", report.get("max_abs_logit_diff")),
+            ("val loss before widening (small)", report.get("loss_before_widen")),
+            ("val loss after widening (big)", report.get("loss_after_widen")),
+            ("final val loss, upscaled (A)", report.get("final_loss_upscaled")),
+            ("final val loss, scratch (B)", report.get("final_loss_scratch")),
+            ("FLOPs to B's final loss, A", report.get("flops_to_target_upscaled")),
+            ("FLOPs to B's final loss, B", report.get("flops_to_target_scratch")),
+            ("compute saving (B / A)", report.get("compute_saving"))]
+    width = max(len(r[0]) for r in rows)
+    lines = ["", "lossless upscaling: results", "-" * (width + 16)]
+    lines += [f"{name:<{width}}  {fmt(value)}" for name, value in rows]
+    return "\n".join(lines)
+
+
+__all__ = ["run", "validate", "compute_saving", "flops_to_reach", "format_table", "GROW_MODES"]

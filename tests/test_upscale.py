@@ -1,0 +1,375 @@
+"""Lossless width upscaling (kexue.fm/archives/8444): exactness, errata regressions, noise, Adam state."""
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import enable_x64
+
+from kexue_jax import parallel, upscale
+from kexue_jax.nn import Transformer, TransformerConfig
+from kexue_jax.upscale import WidenRules
+
+SMALL = dict(vocab_size=50, num_layers=2, d_model=16, num_heads=2, head_dim=8, d_ff=32, max_len=16)
+# Every option of TransformerConfig that changes a rule, grouped so each preset covers all of them.
+OPTIONS = {
+    "base": {},
+    "gated_ntk": {"ffn": "gated", "activation": "gelu", "parameterization": "ntk"},
+    "mup_untied_rmsnorm": {"attn_scale": "mup", "head": "lm", "tie_embeddings": False, "norm": "rmsnorm",
+                           "norm_eps": 1e-3},
+    "t5scale_alpha_relu": {"attn_scale": "t5", "residual": "alpha", "activation": "relu", "norm_eps": 1e-2},
+    "sqrt_alphapost_bigeps": {"attn_scale": "sqrt", "residual": "alpha_post", "norm_eps": 1e-2,
+                              "position": "learned", "type_vocab_size": 2},
+}
+
+
+def make_cfg(preset, dtype="float64", **kw):
+    return TransformerConfig.preset(preset, dtype=dtype, param_dtype=dtype, **{**SMALL, **kw})
+
+
+def random_params(cfg, seed=0):
+    """Init, then perturb every tensor (biases, norm gains/offsets included) so the errata show."""
+    key = jax.random.PRNGKey(seed)
+    params = Transformer(cfg).init(key, jnp.zeros((1, 4), jnp.int32))["params"]
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(tree, leaves)
+
+
+def tokens(n=10, batch=2, vocab=50, seed=1):
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch, n), 0, vocab)
+
+
+def logits_of(cfg, params, toks):
+    return Transformer(cfg).apply({"params": params}, toks)
+
+
+def max_logit_diff(cfg, params, big_cfg, big_params, toks):
+    return float(jnp.max(jnp.abs(logits_of(cfg, params, toks) - logits_of(big_cfg, big_params, toks))))
+
+
+@pytest.mark.parametrize("preset", ["bert", "gpt", "t5"])
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_exact_fp64_every_preset_option_factor_and_grow_mode(x64, preset, option):
+    cfg = make_cfg(preset, **OPTIONS[option])
+    params = random_params(cfg)
+    toks = tokens()
+    for k in (2, 3, 4):
+        for grow in ("head_dim", "num_heads"):
+            big_params, big_cfg = upscale.widen(params, cfg, k, grow=grow)
+            report = upscale.assert_lossless(params, cfg, big_params, big_cfg, toks, atol=1e-10, rtol=0.0)
+            assert report["logits"] <= 1e-10, (k, grow, report["logits"])
+            assert big_cfg.d_model == k * cfg.d_model and big_cfg.d_ff == k * cfg.d_ff
+
+
+@pytest.mark.parametrize("grow", ["head_dim", "num_heads"])
+def test_linear_attention_mixer_is_exact(x64, grow):
+    cfg = make_cfg("gpt", token_mixer="linear", linear_head_multiplier=2)
+    params = random_params(cfg)
+    big_params, big_cfg = upscale.widen(params, cfg, 2, grow=grow)
+    assert max_logit_diff(cfg, params, big_cfg, big_params, tokens()) <= 1e-10
+
+
+@pytest.mark.parametrize("preset", ["bert", "gpt", "t5"])
+@pytest.mark.parametrize("grow", ["head_dim", "num_heads"])
+def test_exact_fp32_relative_to_logit_scale(preset, grow):
+    cfg = make_cfg(preset, dtype="float32")
+    params = random_params(cfg)
+    toks = tokens()
+    big_params, big_cfg = upscale.widen(params, cfg, 2, grow=grow)
+    scale = float(jnp.max(jnp.abs(logits_of(cfg, params, toks))))
+    assert max_logit_diff(cfg, params, big_cfg, big_params, toks) <= 1e-5 * scale
+    upscale.assert_lossless(params, cfg, big_params, big_cfg, toks, atol=1e-5, rtol=0.0)
+
+
+def test_hidden_states_follow_the_stated_relation(x64):
+    """h~ = rep(h)/sqrt(k) layer by layer; the MLM dense output is a pure repeat (claim 2)."""
+    cfg = make_cfg("bert")
+    params = random_params(cfg)
+    big_params, big_cfg = upscale.widen(params, cfg, 3)
+    toks = tokens()
+    _, small = Transformer(cfg).apply({"params": params}, toks, return_intermediates=True)
+    _, big = Transformer(big_cfg).apply({"params": big_params}, toks, return_intermediates=True)
+    for hs, hb in zip(small["hidden"], big["hidden"]):
+        chex.assert_trees_all_close(hb, jnp.repeat(hs, 3, -1) / math.sqrt(3), atol=1e-12)
+    chex.assert_trees_all_close(big["mlm_hidden"], jnp.repeat(small["mlm_hidden"], 3, -1), atol=1e-12)
+    for ps, pb in zip(small["attention"], big["attention"]):  # claim 3: same attention per head
+        chex.assert_trees_all_close(pb, ps, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- regressions
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_post_literal_ffn2_bias_is_not_exact(x64, k):
+    """Erratum E1: the post's b/k for the FFN-2 bias breaks exactness once biases are non-zero."""
+    cfg = make_cfg("bert")
+    params = random_params(cfg)
+    toks = tokens()
+    lit_params, lit_cfg = upscale.widen(params, cfg, k, rules=WidenRules(ffn2_bias="post"))
+    fix_params, fix_cfg = upscale.widen(params, cfg, k)
+    assert max_logit_diff(cfg, params, lit_cfg, lit_params, toks) > 1e-2
+    assert max_logit_diff(cfg, params, fix_cfg, fix_params, toks) < 1e-10
+
+
+def test_post_literal_extra_sqrt_in_mlm_norm_is_not_exact(x64):
+    """Erratum E2: the literal extra 1/sqrt(k) on the MLM LayerNorm changes the logits."""
+    cfg = make_cfg("bert")
+    params = random_params(cfg)
+    lit_params, lit_cfg = upscale.widen(params, cfg, 2, rules=WidenRules(mlm_norm="post"))
+    assert max_logit_diff(cfg, params, lit_cfg, lit_params, tokens()) > 1e-2
+
+
+def test_eps_must_shrink_by_k(x64):
+    """Erratum E3: keeping eps unchanged is not exact when eps is not negligible."""
+    cfg = make_cfg("gpt", norm_eps=1e-2)
+    params = random_params(cfg)
+    big_params, big_cfg = upscale.widen(params, cfg, 2)
+    assert big_cfg.norm_eps == pytest.approx(5e-3)
+    assert max_logit_diff(cfg, params, big_cfg.replace(norm_eps=1e-2), big_params, tokens()) > 1e-6
+    assert max_logit_diff(cfg, params, big_cfg, big_params, tokens()) < 1e-10
+
+
+def test_tiled_repetition_breaks_heads_but_not_a_single_head(x64):
+    """Claim 5: [x, x] tiling scrambles heads when head_dim grows; with one head it is exact."""
+    cfg = make_cfg("bert")
+    params = random_params(cfg)
+    bp, bc = upscale.widen(params, cfg, 2, rules=WidenRules(repetition="tile"))
+    assert max_logit_diff(cfg, params, bc, bp, tokens()) > 1e-3
+    one = make_cfg("bert", num_heads=1, head_dim=16)
+    p1 = random_params(one)
+    bp1, bc1 = upscale.widen(p1, one, 2, rules=WidenRules(repetition="tile"))
+    assert max_logit_diff(one, p1, bc1, bp1, tokens()) < 1e-10
+
+
+def test_omitting_the_fourth_root_breaks_sqrt_scaling(x64):
+    """Claim 4: without q, k x k^(1/4) the 1/sqrt(d) logits shrink and the output changes."""
+    cfg = make_cfg("bert")
+    params = random_params(cfg)
+    bp, bc = upscale.widen(params, cfg, 2, rules=WidenRules(qk_compensation=False))
+    assert max_logit_diff(cfg, params, bc, bp, tokens()) > 1e-3
+
+
+def test_plain_ffn_rule_needs_a_homogeneous_activation(x64):
+    """Claims 6-7: the uniform W/k, b/sqrt(k) rule is exact for ReLU, not for GELU."""
+    for act, exact in (("relu", True), ("gelu", False)):
+        cfg = make_cfg("gpt", activation=act)
+        params = random_params(cfg)
+        bp, bc = upscale.widen(params, cfg, 2, rules=WidenRules(ffn="plain"))
+        diff = max_logit_diff(cfg, params, bc, bp, tokens())
+        assert (diff < 1e-10) == exact, (act, diff)
+
+
+def test_rope_error_grows_with_distance_and_num_heads_is_exact(x64):
+    """Claim 9: pairwise RoPE repetition under head_dim growth drifts with relative distance."""
+    err = upscale.rope_widening_error(64, 2, [0, 1, 4, 16, 64, 256])
+    assert err[0] < 1e-12
+    assert np.all(np.diff(err[:4]) > 0) and err[-1] > 1e-2
+    cfg = make_cfg("gpt", position="rope")
+    params = random_params(cfg)
+    bp, bc = upscale.widen(params, cfg, 2, grow="num_heads")
+    assert max_logit_diff(cfg, params, bc, bp, tokens()) < 1e-10
+    bp, bc = upscale.widen(params, cfg, 2, grow="head_dim")
+    assert max_logit_diff(cfg, params, bc, bp, tokens()) > 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- noise
+
+def _loss(cfg, params, toks):
+    logits = Transformer(cfg).apply({"params": params}, toks)
+    return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+
+def _copy_gap(x, k, axis):
+    """max |copy r - copy 0| of an interleaved axis."""
+    n = x.shape[axis] // k
+    xr = np.asarray(x).reshape(x.shape[:axis] + (n, k) + x.shape[axis + 1:])
+    return float(np.max(np.abs(xr - np.take(xr, [0], axis=axis + 1))))
+
+
+def test_noise_keeps_outputs_and_breaks_gradient_symmetry(x64):
+    cfg = make_cfg("gpt")
+    params = random_params(cfg)
+    toks = tokens()
+    plain, bc = upscale.widen(params, cfg, 2)
+    noisy, _ = upscale.widen(params, cfg, 2, noise=0.1, key=jax.random.PRNGKey(3))
+    assert max_logit_diff(cfg, params, bc, noisy, toks) < 1e-10
+    assert _copy_gap(noisy["layer_0"]["ffn"]["wo"]["kernel"], 2, 0) > 1e-3  # the copies really differ
+    g_plain = jax.grad(lambda p: _loss(bc, p, toks))(plain)
+    g_noisy = jax.grad(lambda p: _loss(bc, p, toks))(noisy)
+    wi = lambda g: g["layer_0"]["ffn"]["wi"]["kernel"]  # noqa: E731  columns = FFN units (copies interleaved)
+    assert _copy_gap(wi(g_plain), 2, 1) < 1e-12
+    assert _copy_gap(wi(g_noisy), 2, 1) > 1e-6
+
+
+def test_without_noise_copies_stay_identical_under_training(x64):
+    """The symmetry problem: pure copies are a fixed point of Adam."""
+    cfg = make_cfg("gpt")
+    params, bc = upscale.widen(random_params(cfg), cfg, 2)
+    tx = optax.adam(1e-2)
+    state = tx.init(params)
+    for i in range(5):
+        g = jax.grad(lambda p: _loss(bc, p, tokens(seed=i)))(params)
+        u, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, u)
+    assert _copy_gap(params["layer_0"]["ffn"]["wi"]["kernel"], 2, 1) < 1e-12
+    assert _copy_gap(params["layer_1"]["attn"]["value"]["kernel"], 2, 2) < 1e-12
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+def _adam_step(cfg, tx, params, state, toks):
+    g = jax.grad(lambda p: _loss(cfg, p, toks))(params)
+    u, state = tx.update(g, state, params)
+    return optax.apply_updates(params, u), state
+
+
+@pytest.mark.parametrize("preset,grow", [("bert", "head_dim"), ("gpt", "num_heads"), ("t5", "head_dim")])
+def test_first_update_after_widening_is_the_widened_small_update(x64, preset, grow):
+    """widen_optimizer_state + update_scales: theta~_2 - theta~_1 = c rep(theta_2 - theta_1)."""
+    cfg = make_cfg(preset)
+    p0 = random_params(cfg)
+    # the same chain structure on both sides (identity where the big model scales its updates)
+    tx = optax.chain(optax.scale_by_adam(eps=1e-30), optax.identity(), optax.add_decayed_weights(0.1),
+                     optax.scale(-1e-2))
+    p1, s1 = _adam_step(cfg, tx, p0, tx.init(p0), tokens(seed=5))
+    p2, _ = _adam_step(cfg, tx, p1, s1, tokens(seed=6))
+    big1, bc = upscale.widen(p1, cfg, 2, grow=grow)
+    big2, _ = upscale.widen(p2, cfg, 2, grow=grow)
+    scales = upscale.update_scales(p1, cfg, 2, grow=grow)
+    tx_big = optax.chain(optax.scale_by_adam(eps=1e-30), upscale.scale_updates(scales),
+                         optax.add_decayed_weights(0.1), optax.scale(-1e-2))
+    s_big = upscale.widen_optimizer_state(s1, p1, cfg, 2, grow=grow)
+    got, _ = _adam_step(bc, tx_big, big1, s_big, tokens(seed=6))
+    delta = jax.tree_util.tree_map(lambda a, b: a - b, got, big1)
+    want = jax.tree_util.tree_map(lambda a, b: a - b, big2, big1)
+    # The key bias adds q.b_k to every logit of a row, which the softmax ignores: its true gradient is 0
+    # and Adam normalizes rounding noise, so it is compared separately (its decay part only, via delta size).
+    for d in (delta, want):
+        for name in d:
+            if name.startswith("layer_") and "bias" in d[name]["attn"]["key"]:
+                d[name]["attn"]["key"]["bias"] = jnp.zeros(())
+    chex.assert_trees_all_close(delta, want, atol=1e-9, rtol=1e-6)
+    # the mapped moments are what the big model would have accumulated: nu~ = rep(nu) / (c m)^2
+    s_small = s1[0]
+    nu_big = s_big[0].nu["layer_0"]["ffn"]["wo"]["kernel"]
+    c = float(scales["layer_0"]["ffn"]["wo"]["kernel"])
+    want_nu = jnp.repeat(jnp.repeat(s_small.nu["layer_0"]["ffn"]["wo"]["kernel"], 2, 0), 2, 1) / (c * 4) ** 2
+    chex.assert_trees_all_close(nu_big, want_nu, rtol=1e-12)
+    assert int(s_big[0].count) == int(s1[0].count)
+
+
+def test_gradient_of_widened_model_is_rep_over_cm(x64):
+    """The derivation's premise: g~ = rep(g) / (c m) for every tensor."""
+    cfg = make_cfg("bert")
+    p = random_params(cfg)
+    toks = tokens()
+    big, bc = upscale.widen(p, cfg, 2)
+    g = jax.grad(lambda q: _loss(cfg, q, toks))(p)
+    gb = jax.grad(lambda q: _loss(bc, q, toks))(big)
+    state = optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=g, nu=g)
+    mapped = upscale.widen_optimizer_state(state, p, cfg, 2)
+    chex.assert_trees_all_close(mapped.mu, gb, atol=1e-12)
+
+
+def test_unsupported_optimizer_state_is_refused():
+    cfg = make_cfg("gpt", dtype="float32")
+    p = random_params(cfg)
+    state = optax.sgd(0.1, momentum=0.9).init(p)
+    with pytest.raises(ValueError, match="unsupported params-shaped optimizer state TraceState"):
+        upscale.widen_optimizer_state(state, p, cfg, 2)
+
+
+# ---------------------------------------------------------------------------------------------- sharding
+
+def test_sharded_widen_equals_unsharded():
+    cfg = make_cfg("bert", dtype="float32", d_model=32, d_ff=64, num_heads=4, head_dim=8)
+    params = random_params(cfg)
+    mesh = parallel.make_mesh(data=1, fsdp=8)
+    abstract_big = jax.eval_shape(lambda p: upscale.widen_params(p, cfg, 2), params)
+    shardings = parallel.state_shardings(abstract_big, mesh, min_size=1)
+    small_sharded = jax.device_put(params, parallel.state_shardings(params, mesh, min_size=1))
+    big, bc = upscale.widen_sharded(small_sharded, cfg, 2, shardings)
+    want, _ = upscale.widen(params, cfg, 2)
+    chex.assert_trees_all_equal(jax.device_get(big), jax.device_get(want))
+    kernel = big["layer_0"]["ffn"]["wi"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.shape[1] == 64 * 2 // 8
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+def test_errors_are_clear():
+    cfg = make_cfg("gpt", dtype="float32")
+    p = random_params(cfg)
+    with pytest.raises(ValueError, match="factor must be an integer >= 2"):
+        upscale.widen(p, cfg, 1)
+    with pytest.raises(ValueError, match="not an integer multiple is not supported"):
+        upscale.widen(p, cfg, 1.5)
+    with pytest.raises(ValueError, match=r"grow must be one of \('head_dim', 'num_heads'\)"):
+        upscale.widen(p, cfg, 2, grow="depth")
+    with pytest.raises(ValueError, match="noise > 0 needs a PRNG key"):
+        upscale.widen(p, cfg, 2, noise=0.1)
+    with pytest.raises(ValueError, match=r"layer_0/ffn/wi/bias has shape \(32,\), the config implies \(64,\)"):
+        upscale.widen(p, cfg.replace(d_ff=64), 2)
+    other = random_params(make_cfg("bert", dtype="float32"))
+    with pytest.raises(ValueError, match="params do not match the config: missing"):
+        upscale.widen(other, cfg, 2)
+    with pytest.raises(ValueError, match="WidenRules.ffn must be one of"):
+        WidenRules(ffn="three_step")
+    with pytest.raises(ValueError, match="not defined for a gated FFN"):
+        upscale.widen(random_params(make_cfg("gpt", ffn="gated")), make_cfg("gpt", ffn="gated"), 2,
+                      rules=WidenRules(ffn="plain"))
+
+
+def test_assert_lossless_names_the_worst_tensor():
+    cfg = make_cfg("gpt", dtype="float32")
+    p = random_params(cfg)
+    big, bc = upscale.widen(p, cfg, 2)
+    big["layer_1"]["ffn"]["wo"]["bias"] = big["layer_1"]["ffn"]["wo"]["bias"] + 0.5
+    with pytest.raises(AssertionError, match=r"largest deviation in (layer_1/output|final_norm/output|logits)"):
+        upscale.assert_lossless(p, cfg, big, bc, tokens(), atol=1e-5, rtol=0.0)
+    with pytest.raises(ValueError, match="not an integer multiple"):
+        upscale.assert_lossless(p, cfg, big, bc.replace(d_model=40), tokens())
+
+
+# ---------------------------------------------------------------------------------------------- depth
+
+@pytest.mark.parametrize("residual", ["pre", "alpha"])
+def test_deepen_inserts_identity_layers(x64, residual):
+    cfg = make_cfg("gpt", residual=residual)
+    params = random_params(cfg)
+    deep, dc = upscale.deepen(params, cfg, insert_after=[-1, 0, 1])
+    assert dc.num_layers == 5
+    chex.assert_trees_all_close(logits_of(dc, deep, tokens()), logits_of(cfg, params, tokens()), atol=1e-12)
+    # and it can be widened afterwards, still exactly
+    wide, wc = upscale.widen(deep, dc, 2)
+    assert max_logit_diff(cfg, params, wc, wide, tokens()) < 1e-10
+
+
+def test_deepen_keeps_per_layer_masks(x64):
+    cfg = make_cfg("gpt", mask="bidirectional", layer_masks=("independent", "uniae"))
+    deep, dc = upscale.deepen(random_params(cfg), cfg, insert_after=[1])
+    assert dc.layer_masks == ("independent", "uniae", "uniae")
+
+
+@pytest.mark.parametrize("residual", ["post", "alpha_post"])
+def test_deepen_refuses_post_norm(residual):
+    cfg = make_cfg("bert", residual=residual, dtype="float32")
+    with pytest.raises(ValueError, match=r"Norm\(x \+ F\(x\)\), which is Norm\(x\) != x"):
+        upscale.deepen(random_params(cfg), cfg, insert_after=[0])
+    with pytest.raises(ValueError, match="insert_after entries must be in"):
+        upscale.deepen(random_params(make_cfg("gpt")), make_cfg("gpt"), insert_after=[7])
+
+
+def test_headless_encoder_widens_to_scaled_repeat(x64):
+    """head="none" (sentence encoders): the output is the final hidden state, rep(h)/sqrt(k)."""
+    cfg = make_cfg("bert", head="none")
+    params = random_params(cfg)
+    big, bc = upscale.widen(params, cfg, 2)
+    upscale.assert_lossless(params, cfg, big, bc, tokens(), atol=1e-10, rtol=0.0)
+    h, hb = logits_of(cfg, params, tokens()), logits_of(bc, big, tokens())
+    chex.assert_trees_all_close(hb, jnp.repeat(h, 2, -1) / math.sqrt(2), atol=1e-12)

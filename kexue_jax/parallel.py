@@ -31,18 +31,21 @@ _PEAK_FLOPS = {"v4": 275e12, "v5 lite": 197e12, "v5e": 197e12, "v5p": 459e12, "v
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
-    """A ("data", "fsdp") mesh over ``devices`` (default all); ``data=-1`` takes the rest."""
+    """A ("data", "fsdp") mesh. ``data=-1`` uses every device (``devices`` or ``jax.devices()``);
+    otherwise the first data x fsdp devices (e.g. ``data=1`` for a single-device run)."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    if not isinstance(fsdp, int) or fsdp < 1 or n % fsdp:
+    if isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1 or n % fsdp:
         raise ValueError(f"parallel.fsdp must be a positive divisor of the device count {n}, got {fsdp}")
     if data == -1:
         data = n // fsdp
-    if not isinstance(data, int) or data < 1 or data * fsdp != n:
-        raise ValueError(f"parallel.data x parallel.fsdp must equal the device count {n} (or data=-1), "
-                         f"got data={data}, fsdp={fsdp}")
+    if isinstance(data, bool) or not isinstance(data, int) or data < 1 or data * fsdp > n:
+        raise ValueError(f"parallel.data must be -1 (all devices) or a positive integer with data x fsdp <= "
+                         f"the device count {n}, got data={data}, fsdp={fsdp}")
+    if data * fsdp < n and jax.process_count() > 1:
+        raise ValueError("parallel.data=-1 is required with several processes (every device takes part)")
     return jax.make_mesh((data, fsdp), BATCH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                         devices=devices)
+                         devices=devices[:data * fsdp])
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -80,8 +83,15 @@ def init_sharded(init_fn, mesh: Mesh, *args):
 
 def replicate(tree, devices=None):
     """Put a copy of ``tree`` on every local device (leading axis = device), for pmap."""
-    devices = jax.local_devices() if devices is None else devices
-    return jax.device_put_replicated(tree, devices)
+    devices = list(jax.local_devices() if devices is None else devices)
+    sharding = NamedSharding(Mesh(np.array(devices), ("replica",)), P("replica"))
+
+    def one(x):
+        x = jnp.asarray(x)
+        shards = [jax.device_put(x[None], d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices),) + x.shape, sharding, shards)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def unreplicate(tree):

@@ -152,7 +152,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, *, see
         grads = jax.tree_util.tree_map(lambda g: g / count, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
@@ -440,11 +440,18 @@ def build_mesh(config):
     return parallel.make_mesh(config.parallel.data, config.parallel.fsdp)
 
 
+def prepare(config):
+    """Validate the config against the devices it will run on: returns (model TransformerConfig, mesh).
+    Raises ValueError naming the field before any data is read or anything compiles."""
+    mesh = build_mesh(config)
+    devices = mesh.size if config.parallel.mode == "sharded" else jax.local_device_count() * jax.process_count()
+    return config_lib.validate(config, num_devices=devices), mesh
+
+
 def train(config, workdir: str, *, stop_after: int | None = None) -> PhaseResult:
     """Train one model as ``config`` says (the ``lm`` experiment). Validates everything first."""
-    model_cfg = config_lib.validate(config, num_devices=jax.device_count())
+    model_cfg, mesh = prepare(config)
     corpus = load_corpus(config.data)
-    mesh = build_mesh(config)
     tx = make_optimizer(config.optim, config.train.steps)
     model = Transformer(model_cfg)
     _say(f"model: {model_cfg.to_dict()}")

@@ -27,16 +27,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kexue_jax import config as config_lib
 from kexue_jax import training, upscale
-from kexue_jax.nn import Transformer, TransformerConfig
+from kexue_jax.nn import Transformer
 
 GROW_MODES = upscale.GROW_MODES
 
 
-def validate(config) -> TransformerConfig:
-    """Everything about the run, checked before any data is read or anything compiles."""
-    small = config_lib.validate(config, num_devices=jax.device_count())
+def validate(config):
+    """Everything about the run, checked before any data is read or anything compiles.
+    Returns (small TransformerConfig, mesh)."""
+    small, mesh = training.prepare(config)
     u = config.upscale
     upscale.widen_config(small, u.factor, grow=u.grow)  # factor/grow errors
     if not isinstance(u.widen_at, int) or not 0 < u.widen_at < config.train.steps:
@@ -49,7 +49,7 @@ def validate(config) -> TransformerConfig:
     for arm in u.arms:
         if arm not in ("upscaled", "scratch"):
             raise ValueError(f"config.upscale.arms must be a subset of ('upscaled', 'scratch'), got {tuple(u.arms)}")
-    return small
+    return small, mesh
 
 
 def _reset_schedule_count(opt_state, step: int):
@@ -109,11 +109,10 @@ def _plot(path: str, arms: dict[str, list[dict]], widen_flops: float | None) -> 
 
 def run(config, workdir: str) -> dict:
     """Run both arms and write the report (see module docstring). Returns the report dict."""
-    small_cfg = validate(config)
+    small_cfg, mesh = validate(config)
     u = config.upscale
     big_cfg = upscale.widen_config(small_cfg, u.factor, grow=u.grow)
     corpus = training.load_corpus(config.data)
-    mesh = training.build_mesh(config)
     steps, s_at = config.train.steps, u.widen_at
     say = training._say
     say(f"small: d_model {small_cfg.d_model}, heads {small_cfg.num_heads} x {small_cfg.head_dim}, "

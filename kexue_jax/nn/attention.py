@@ -13,9 +13,11 @@ explicit head axis: query/key/value kernels are [d_model, heads, head_dim] and t
 
 RoPE rotates adjacent pairs (x_{2i}, x_{2i+1}) by the angle m * theta_i, theta_i = base^{-2i/d}.
 
-The core ``dot_product_attention`` dispatches to ``jax.nn.dot_product_attention`` (cuDNN on GPU when
-the dtype and shapes allow) when no probabilities or attention dropout are needed and the dtype is not
-float64 (its softmax is float32), and to an explicit einsum otherwise; the two agree (tests). Logits and
+The core ``dot_product_attention`` with ``implementation="auto"`` dispatches on GPU to
+``jax.nn.dot_product_attention`` (cuDNN when the dtype and shapes allow) when no probabilities or
+attention dropout are needed and the dtype is not float64 (its softmax is float32), and to an explicit
+einsum otherwise (on CPU the einsum path is the faster one); "xla"/"cudnn" force the fused call. The two
+paths agree (tests). Logits and
 softmax are computed in float32 (float64 for float64 inputs) whatever the compute dtype.
 """
 from __future__ import annotations
@@ -143,7 +145,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
         raise ValueError("dropout_rng is required when dropout_rate > 0 (pass dropout_rate=0.0 to disable)")
     dropout = dropout_rate > 0.0
     fused_ok = not return_probs and not dropout and q.dtype != jnp.float64
-    if implementation in ("xla", "cudnn") or (implementation == "auto" and fused_ok):
+    # 'auto' fuses on GPU only (cuDNN): on CPU the einsum path trains ~5% faster (benchmarks/train_throughput.py)
+    auto_fused = implementation == "auto" and fused_ok and jax.default_backend() == "gpu"
+    if implementation in ("xla", "cudnn") or auto_fused:
         if not fused_ok:
             raise ValueError("attention implementation 'xla'/'cudnn' cannot return probabilities, apply "
                              "attention dropout or run in float64; use 'einsum' or 'auto'")
@@ -155,7 +159,11 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
         return out, None
     sdt = _softmax_dtype(q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=sdt) * jnp.asarray(scale, sdt)
+    import os
+    if os.environ.get("QS") == "1":
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=sdt)
+    else:
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=sdt) * jnp.asarray(scale, sdt)
     if bias is not None:
         logits = logits + bias.astype(sdt)
     if mask is not None:

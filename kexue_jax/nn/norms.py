@@ -28,7 +28,14 @@ NORMS = ("layernorm", "rmsnorm")
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with eps; statistics in float32 (or float64) whatever the compute dtype."""
+    """LayerNorm with eps; statistics in float32 (or float64) whatever the compute dtype.
+
+    The variance is computed in one pass as E[z^2] - E[z]^2 on z = x - x_0 (x_0 the first feature, a
+    stop-gradient shift: the variance does not depend on it, and it keeps the difference from cancelling
+    when |mean| >> std). Computing z^2 before the means lets XLA CPU fuse the two reductions and keep the
+    backward pass linear in depth: the two-pass E[(x - mu)^2] form made a 4-layer GPT's training step
+    1.4x slower than flax's LayerNorm (benchmarks/train_throughput.py).
+    """
 
     eps: float = 1e-5
     use_bias: bool = True
@@ -39,11 +46,13 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         d = x.shape[-1]
         stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
-        xs = x.astype(stat_dtype)
-        mu = jnp.mean(xs, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(xs - mu), axis=-1, keepdims=True)
-        y = (xs - mu) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.param("scale", nn.initializers.ones, (d,), self.param_dtype).astype(stat_dtype)
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype).astype(stat_dtype)
+        z = x.astype(stat_dtype)
+        z = z - jax.lax.stop_gradient(z[..., :1])
+        z2 = jax.lax.square(z)  # before the means (see the docstring)
+        m1 = jnp.mean(z, axis=-1, keepdims=True)
+        var = jnp.maximum(jnp.mean(z2, axis=-1, keepdims=True) - jax.lax.square(m1), 0.0)
+        y = (z - m1) * (jax.lax.rsqrt(var + self.eps) * scale)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (d,), self.param_dtype).astype(stat_dtype)
         return y.astype(self.dtype)

@@ -2,7 +2,7 @@
 
 Variants (``--config=configs/lm.py:VARIANT``):
   tiny     a few seconds of CPU, for tests (validation loss still falls clearly);
-  default  a meaningful 2-core CPU run (< 15 min): GPT preset, 4 x 256, 1500 steps of 32 x 128 bytes;
+  default  a meaningful 2-core CPU run (< 15 min): GPT preset, 4 x 128, 1500 steps of 16 x 128 bytes;
   bert     the same budget with the BERT preset and the MLM objective;
   pod      GPU/TPU size: 12 x 768 GPT, seq 1024, global batch 512, bf16 compute, FSDP over 4 (see WORKSPACE.md).
 Any field can be overridden: ``--config.model.d_model=512 --config.train.steps=300``.
@@ -19,13 +19,13 @@ def get_config(arg: str | None = None):
         c.optim.update(lr=1e-2, warmup_steps=10)
         c.train.update(steps=60, log_every=10, eval_every=30, eval_batches=4, checkpoint_every=30)
     elif variant == "default":
-        c.model = model_section("gpt", num_layers=4, d_model=256, num_heads=4, head_dim=64, d_ff=1024, max_len=128)
-        c.data.update(seq_len=128, batch_size=32)
+        c.model = model_section("gpt", num_layers=4, d_model=128, num_heads=4, head_dim=32, d_ff=512, max_len=128)
+        c.data.update(seq_len=128, batch_size=16)
         c.optim.update(lr=3e-3, warmup_steps=100)
         c.train.update(steps=1500, log_every=50, eval_every=250, eval_batches=16, checkpoint_every=500)
     elif variant == "bert":
-        c.model = model_section("bert", num_layers=4, d_model=256, num_heads=4, head_dim=64, d_ff=1024, max_len=128)
-        c.data.update(seq_len=128, batch_size=32, objective="mlm")
+        c.model = model_section("bert", num_layers=4, d_model=128, num_heads=4, head_dim=32, d_ff=512, max_len=128)
+        c.data.update(seq_len=128, batch_size=16, objective="mlm")
         c.optim.update(lr=1e-3, warmup_steps=100)
         c.train.update(steps=1500, log_every=50, eval_every=250, eval_batches=16, checkpoint_every=500)
     elif variant == "pod":

@@ -106,7 +106,7 @@ def test_var_qk_on_the_models_own_projections(attn_scale, var_qk, var_logit, par
 
 # -- the fused (jax.nn.dot_product_attention) path equals the einsum path ---------------------------------------
 
-@pytest.mark.parametrize("implementation", ["auto", "xla"])
+@pytest.mark.parametrize("implementation", ["auto", "xla"])  # 'auto' is the einsum path on CPU, fused on GPU
 def test_fused_path_equals_einsum_path_and_numpy(implementation):
     q, k, v = _qkv(4)
     mask, bias = _mask_and_bias(5)
@@ -306,7 +306,7 @@ def test_bfloat16_compute_has_float32_softmax():
     # bf16 tolerance: inputs rounded to 8 bits of mantissa (rel. 2^-9), logits |x| ~ 4 -> abs error ~ 0.03
     np.testing.assert_allclose(np.asarray(probs), np.asarray(ref_p), atol=0.03)
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=0.06)
-    fused, _ = dot_product_attention(qb, kb, vb, mask=mask, bias=bias, scale=0.25)  # fused bf16 path
+    fused, _ = dot_product_attention(qb, kb, vb, mask=mask, bias=bias, scale=0.25, implementation="xla")
     assert fused.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(fused, np.float32), np.asarray(out, np.float32), atol=0.03)
 

@@ -80,15 +80,17 @@ def test_truncated_normal_bound_and_hand_rolled_undershoot():
 # E[y^2] is an expectation over the weights as well as the inputs. One network is not enough for
 # non-zero-mean inputs or ReLU: the common mean vector passes every layer as one direction whose norm
 # fluctuates by O(1/sqrt(width)) per layer. So we average over an ensemble of NETS independent networks
-# (relative noise of the layer-10 estimate measured over 10 seeds: <= 1.7% linear, <= 3.5% ReLU).
+# (largest layer-10 deviation over 10 seeds: 1.7% linear and 3.5% ReLU with 8192 nets; the linear tests
+# use 4096 nets, where it scales to ~2.4%).
 WIDTH, BATCH, NETS, DEPTH = 32, 2, 8192, 10
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _second_moments_through_depth(kernel_init, activation, x, key):
-    """E[x_l^2] for l = 1..DEPTH, x_{l+1} = act(x_l W_l), W_l from kernel_init, averaged over NETS nets."""
+    """E[x_l^2] for l = 1..DEPTH, x_{l+1} = act(x_l W_l), W_l from kernel_init, averaged over the
+    x.shape[0] independent nets of the ensemble."""
     def layer(x, k):
-        w = jax.vmap(lambda kk: kernel_init(kk, (WIDTH, WIDTH), jnp.float32))(jax.random.split(k, NETS))
+        w = jax.vmap(lambda kk: kernel_init(kk, (WIDTH, WIDTH), jnp.float32))(jax.random.split(k, x.shape[0]))
         x = activation(jnp.einsum("nbi,nio->nbo", x, w))
         return x, jnp.mean(x * x)
 
@@ -109,8 +111,8 @@ def _identity(y):
 @pytest.mark.parametrize("distribution,inputs", [
     ("normal", "all_positive"), ("truncated_normal", "all_positive"), ("uniform", "zero_mean")])
 def test_lecun_preserves_second_moment_through_10_linear_layers(distribution, inputs):
-    m = np.asarray(_second_moments_through_depth(init.lecun(distribution), _identity, _inputs(inputs),
-                                                 jax.random.key(7)))
+    m = np.asarray(_second_moments_through_depth(init.lecun(distribution), _identity,
+                                                 _inputs(inputs)[: NETS // 2], jax.random.key(7)))
     assert np.all(np.abs(m - 1.0) < 0.05), m
 
 

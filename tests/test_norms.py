@@ -1,6 +1,7 @@
 """Tests for kexue_jax.nn.norms: LayerNorm, RMSNorm and the residual wirings (kexue.fm/archives/8620, 8998)."""
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -73,6 +74,35 @@ def test_norms_fp64_exact_and_bf16_statistics_in_fp32():
     assert y.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(y, np.float32), np_layernorm(np.asarray(xb, np.float32), 1, 0, 1e-5),
                                atol=2e-2)  # bf16 output rounding (8 bits of mantissa) only
+
+
+def test_layernorm_large_mean_fp32_and_gradients_fp64():
+    # One-pass variance on the shifted z = x - x_0: no cancellation for |mean| >> std (a plain
+    # E[x^2] - E[x]^2 would lose ~6% of the variance here in fp32).
+    x = np.random.default_rng(1).normal(size=(4, 64)) + 1000.0
+    ln = LayerNorm(eps=1e-6)
+    p = ln.init(jax.random.key(0), jnp.zeros((1, 64)))
+    np.testing.assert_allclose(ln.apply(p, jnp.asarray(x, jnp.float32)), np_layernorm(x, 1, 0, 1e-6), atol=2e-3)
+    with jax.enable_x64(True):
+        ln64 = LayerNorm(eps=1e-3, dtype=jnp.float64, param_dtype=jnp.float64)
+        xs = jnp.asarray(np.random.default_rng(2).normal(size=(3, 16)) * 2 + 1, jnp.float64)
+        w = jnp.asarray(np.random.default_rng(3).normal(size=(3, 16)), jnp.float64)
+        p64 = jax.tree_util.tree_map(lambda a: a + 0.3, ln64.init(jax.random.key(0), xs))
+
+        def two_pass(params, x):  # the textbook formula, differentiated by autodiff independently
+            mu = x.mean(-1, keepdims=True)
+            var = ((x - mu) ** 2).mean(-1, keepdims=True)
+            return (x - mu) / jnp.sqrt(var + 1e-3) * params["params"]["scale"] + params["params"]["bias"]
+
+        for f in (lambda p_, x_: ln64.apply(p_, x_), two_pass):
+            assert f(p64, xs).dtype == jnp.float64
+        g_ours = jax.grad(lambda p_, x_: jnp.sum(w * ln64.apply(p_, x_)), argnums=(0, 1))(p64, xs)
+        g_ref = jax.grad(lambda p_, x_: jnp.sum(w * two_pass(p_, x_)), argnums=(0, 1))(p64, xs)
+        chex.assert_trees_all_close(g_ours, g_ref, rtol=1e-10, atol=1e-12)
+        # forward mode works too (no custom_vjp)
+        t_ours = jax.jvp(lambda x_: ln64.apply(p64, x_), (xs,), (w,))[1]
+        t_ref = jax.jvp(lambda x_: two_pass(p64, x_), (xs,), (w,))[1]
+        np.testing.assert_allclose(t_ours, t_ref, rtol=1e-10, atol=1e-12)
 
 
 def test_make_norm_kinds_and_errors():

@@ -159,11 +159,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
         out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=impl)
         return out, None
     sdt = _softmax_dtype(q.dtype)
-    import os
-    if os.environ.get("QS") == "1":
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=sdt)
-    else:
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=sdt) * jnp.asarray(scale, sdt)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=sdt) * jnp.asarray(scale, sdt)
     if bias is not None:
         logits = logits + bias.astype(sdt)
     if mask is not None:

@@ -369,6 +369,11 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
                                         flops_per_step=flops_per_step,
                                         peak_flops=parallel.peak_flops_per_device() * jax.device_count())
     history: list[dict] = []
+    if resumed_from is not None and os.path.exists(os.path.join(phase.workdir, metrics_lib.METRICS_FILE)):
+        # evaluations of the earlier run(s), up to the restored step
+        by_step = {r["step"]: {k: r[k] for k in ("step", "val_loss", "val_bpb", "flops") if k in r}
+                   for r in metrics_lib.read_metrics(phase.workdir) if "val_loss" in r and r["step"] <= step}
+        history = [by_step[t] for t in sorted(by_step)]
     pending = None  # (step, metrics on device): fetched one step late
     bad = jnp.zeros((), bool)
     ran = 0

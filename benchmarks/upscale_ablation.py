@@ -6,12 +6,14 @@ final JSON summary (last line).
         [--variant default] [--only noise,no_opt_map]
 
 --reuse takes arm B's curve (and arm A's "as configured" result) from a finished main-job report instead
-of training them again; variants then run arm A only.
+of training them again, and copies its finished small-model phase (a_small/) into each variant, so the
+variants train only arm A's big phase (the small phase is identical in all of them).
 """
 import argparse
 import copy
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from configs import upscale as upscale_config  # noqa: E402
 from kexue_jax.experiments import upscale as experiment  # noqa: E402
 
 VARIANTS = {
+    "restart": {"schedule": "restart"},
+    "restart_1000": {"schedule": "restart", "big_steps": 1000},
     "noise": {"noise": 1e-3},
     "no_opt_map": {"map_optimizer": False},
     "scale_updates": {"scale_updates": True},
@@ -50,9 +54,15 @@ def main():
     for name in [v for v in args.only.split(",") if v]:
         c = copy.deepcopy(base)
         c.upscale.update(arms=("upscaled",), **VARIANTS[name])
-        rep = experiment.run(c, os.path.join(args.workdir, name))
+        out = os.path.join(args.workdir, name)
+        small_dir = os.path.join(os.path.dirname(args.reuse), "a_small") if args.reuse else None
+        if small_dir and os.path.isdir(small_dir) and not os.path.exists(os.path.join(out, "a_small")):
+            shutil.copytree(small_dir, os.path.join(out, "a_small"))
+        rep = experiment.run(c, out)
         saving = experiment.compute_saving(rep["curves"]["upscaled (A)"], scratch)
         row = {"variant": name, **VARIANTS[name], "compute_saving": saving["compute_saving"],
+               "flops_to_target_upscaled": saving["flops_to_target_upscaled"],
+               "flops_upscaled_total": rep["flops_upscaled_total"],
                "final_loss_upscaled": rep["final_loss_upscaled"], "final_loss_scratch": scratch[-1]["val_loss"],
                "max_abs_logit_diff": rep["max_abs_logit_diff"]}
         rows.append(row)

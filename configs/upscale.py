@@ -13,7 +13,9 @@ Variants (``--config=configs/upscale.py:VARIANT``):
   gpt      the GPT preset (Pre-LN, tied LM head) on next-byte prediction, same sizes as the default;
   pod      GPU/TPU size: 12-layer GPT 384 -> 768, seq 1024, global batch 256, bf16 (see WORKSPACE.md).
 Ablations are overrides: ``--config.upscale.noise=1e-3``, ``--config.upscale.map_optimizer=False``,
-``--config.upscale.grow=num_heads``, ``--config.upscale.factor=3``.
+``--config.upscale.grow=num_heads``, ``--config.upscale.factor=3``,
+``--config.upscale.schedule=restart`` (re-warm the learning rate after widening: a fresh warmup + decay over
+the big phase) and ``--config.upscale.big_steps=N`` (arm A's big phase length; default train.steps - widen_at).
 """
 import ml_collections
 
@@ -25,7 +27,8 @@ def get_config(arg: str | None = None):
     c = base_config("upscale")
     c.upscale = ml_collections.ConfigDict(dict(
         factor=2, grow="head_dim", widen_at=600, noise=0.0, map_optimizer=True, scale_updates=False,
-        rewarmup_steps=0, lossless_atol=1e-5, arms=("upscaled", "scratch")))
+        schedule="continue", big_steps=ml_collections.config_dict.placeholder(int), lossless_atol=1e-5,
+        arms=("upscaled", "scratch")))
     if variant in ("default", "mlm", "gpt"):
         preset = "gpt" if variant == "gpt" else "bert"
         objective = "mlm" if variant == "mlm" else "lm"

@@ -51,10 +51,12 @@ class TrainState:
 # ------------------------------------------------------------------------------------------------
 # Optimizer.
 
-def make_schedule(optim, total_steps: int, *, rewarmup_from: int | None = None, rewarmup_steps: int = 0):
+def make_schedule(optim, total_steps: int, *, start: int = 0):
     """Linear warmup to ``optim.lr`` over ``optim.warmup_steps``, then cosine/linear decay to
-    ``lr * min_lr_ratio`` at ``total_steps`` (or constant). With ``rewarmup_from`` the rate is multiplied
-    by min(1, (t - rewarmup_from + 1) / rewarmup_steps) from that step on (re-warmup after widening)."""
+    ``lr * min_lr_ratio`` at ``total_steps`` (or constant), as a function of the optimizer step count.
+
+    ``start`` shifts the whole schedule: lr(t) = base(t - start). Arm A of the upscaling job uses it to
+    re-warm the learning rate after widening (a fresh warmup and decay over the big model's steps)."""
     lr, warm = float(optim.lr), int(optim.warmup_steps)
     decay_steps = max(1, total_steps - warm)
     end = lr * float(optim.min_lr_ratio)
@@ -65,18 +67,12 @@ def make_schedule(optim, total_steps: int, *, rewarmup_from: int | None = None, 
     else:
         decay = optax.constant_schedule(lr)
     base = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm]) if warm else decay
-    if rewarmup_from is None or rewarmup_steps <= 0:
+    if not start:
         return base
-
-    def schedule(count):
-        ramp = jnp.clip((count - rewarmup_from + 1.0) / rewarmup_steps, 0.0, 1.0)
-        return base(count) * jnp.where(count >= rewarmup_from, ramp, 1.0)
-
-    return schedule
+    return lambda count: base(jnp.maximum(count - start, 0))
 
 
-def make_optimizer(optim, total_steps: int, *, update_scales=None, rewarmup_from: int | None = None,
-                   rewarmup_steps: int = 0) -> optax.GradientTransformation:
+def make_optimizer(optim, total_steps: int, *, update_scales=None, start: int = 0) -> optax.GradientTransformation:
     """AdamW with global-norm clipping and decoupled weight decay on matrices (ndim >= 2).
 
     The chain always has the same structure, clip -> scale_by_adam -> [per-tensor update scale] ->
@@ -93,8 +89,7 @@ def make_optimizer(optim, total_steps: int, *, update_scales=None, rewarmup_from
         optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps)),
         scale,
         optax.add_decayed_weights(float(optim.weight_decay), mask=decay_mask),
-        optax.scale_by_learning_rate(make_schedule(optim, total_steps, rewarmup_from=rewarmup_from,
-                                                   rewarmup_steps=rewarmup_steps)),
+        optax.scale_by_learning_rate(make_schedule(optim, total_steps, start=start)),
     )
 
 

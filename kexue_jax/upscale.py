@@ -404,14 +404,6 @@ def widen_optimizer_state(opt_state, params, cfg: TransformerConfig, factor: int
     return jax.tree_util.tree_map(visit, opt_state, is_leaf=is_node)
 
 
-def rewarmup(steps: int) -> optax.GradientTransformation:
-    """Learning-rate re-warmup after widening: multiply updates by min(1, (n + 1) / steps), n counted
-    from the widening (Staged Training's re-warmup). Chain it after the big model's optimizer."""
-    if steps < 1:
-        raise ValueError(f"rewarmup steps must be >= 1, got {steps}")
-    return optax.scale_by_schedule(lambda n: jnp.minimum(1.0, (n + 1.0) / steps))
-
-
 # ------------------------------------------------------------------------------------------------
 # Checking losslessness.
 

@@ -53,6 +53,8 @@ def test_compute_saving_interpolates():
     ("factor", 1, "factor must be an integer >= 2"),
     ("grow", "depth", "grow must be one of"),
     ("noise", -1.0, "config.upscale.noise must be >= 0"),
+    ("schedule", "cyclic", r"config.upscale.schedule must be one of \('continue', 'restart'\)"),
+    ("big_steps", 0, "config.upscale.big_steps must be None"),
 ])
 def test_upscale_config_errors(tmp_path, field, value, message):
     c = upscale_config.get_config("tiny")

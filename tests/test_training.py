@@ -166,15 +166,14 @@ def test_mlm_objective_and_alpha_residual(tmp_path):
     assert np.isfinite(result.history[-1]["val_loss"])
 
 
-def test_lr_schedule_and_rewarmup():
+def test_lr_schedule_and_restart():
     c = tiny()
     sched = training.make_schedule(c.optim, 60)
     assert float(sched(0)) == 0.0 and float(sched(10)) == pytest.approx(1e-2)
     assert float(sched(60)) == pytest.approx(1e-3, rel=1e-4)  # min_lr_ratio 0.1
-    re = training.make_schedule(c.optim, 60, rewarmup_from=30, rewarmup_steps=10)
-    assert float(re(29)) == pytest.approx(float(sched(29)))
-    assert float(re(30)) == pytest.approx(float(sched(30)) / 10)
-    assert float(re(39)) == pytest.approx(float(sched(39)))
+    restarted = training.make_schedule(c.optim, 30, start=30)  # re-warmup after widening at step 30
+    assert float(restarted(30)) == 0.0 and float(restarted(35)) == pytest.approx(5e-3)
+    assert float(restarted(40)) == pytest.approx(1e-2) and float(restarted(60)) == pytest.approx(1e-3, rel=1e-4)
 
 
 def _free_port():

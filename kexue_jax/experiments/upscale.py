@@ -44,8 +44,11 @@ def validate(config):
                          f"got {u.widen_at!r}")
     if u.noise < 0:
         raise ValueError(f"config.upscale.noise must be >= 0, got {u.noise!r}")
-    if u.rewarmup_steps < 0:
-        raise ValueError(f"config.upscale.rewarmup_steps must be >= 0, got {u.rewarmup_steps!r}")
+    if u.schedule not in ("continue", "restart"):
+        raise ValueError(f"config.upscale.schedule must be one of ('continue', 'restart'), got {u.schedule!r}")
+    if u.big_steps is not None and (not isinstance(u.big_steps, int) or u.big_steps < 1):
+        raise ValueError(f"config.upscale.big_steps must be None (train.steps - widen_at) or a positive integer, "
+                         f"got {u.big_steps!r}")
     for arm in u.arms:
         if arm not in ("upscaled", "scratch"):
             raise ValueError(f"config.upscale.arms must be a subset of ('upscaled', 'scratch'), got {tuple(u.arms)}")
@@ -122,61 +125,60 @@ def run(config, workdir: str) -> dict:
     seq_len = config.data.seq_len
     schedule = training.make_schedule(config.optim, steps)
     report: dict = {"factor": u.factor, "grow": u.grow, "noise": u.noise, "map_optimizer": u.map_optimizer,
-                    "scale_updates": u.scale_updates, "rewarmup_steps": u.rewarmup_steps, "widen_at": s_at,
+                    "scale_updates": u.scale_updates, "schedule": u.schedule, "widen_at": s_at,
                     "steps": steps, "small_model": small_cfg.to_dict(), "big_model": big_cfg.to_dict()}
     arms: dict[str, list[dict]] = {}
 
+    def from_scratch(model_cfg, end: int, sub: str, name: str) -> training.PhaseResult:
+        tx, model = training.make_optimizer(config.optim, steps), Transformer(model_cfg)
+        return training.run_phase(training.Phase(
+            model_cfg=model_cfg, tx=tx, start=0, end=end, workdir=os.path.join(workdir, sub),
+            init=lambda key: training.init_state(model, tx, key, seq_len), name=name, schedule=schedule),
+            config, corpus, mesh)
+
     if "upscaled" in u.arms:
         # -- arm A, phase 1: the small model --------------------------------------------------
-        tx_small = training.make_optimizer(config.optim, steps)
-        small_model = Transformer(small_cfg)
-        small = training.run_phase(training.Phase(
-            model_cfg=small_cfg, tx=tx_small, start=0, end=s_at, workdir=os.path.join(workdir, "a_small"),
-            init=lambda key: training.init_state(small_model, tx_small, key, seq_len), name="A small",
-            schedule=schedule), config, corpus, mesh)
+        small = from_scratch(small_cfg, s_at, "a_small", "A small")
         state = jax.device_get(small.state)
         # -- widen ------------------------------------------------------------------------------
         key = jax.random.PRNGKey(config.seed + 1)
         big_params, _ = upscale.widen(state.params, small_cfg, u.factor, grow=u.grow, noise=u.noise, key=key)
         scales = (upscale.update_scales(state.params, small_cfg, u.factor, grow=u.grow)
                   if u.scale_updates else None)
-        tx_big = training.make_optimizer(config.optim, steps, update_scales=scales,
-                                         rewarmup_from=s_at if u.rewarmup_steps else None,
-                                         rewarmup_steps=u.rewarmup_steps)
+        big_steps = u.big_steps or steps - s_at
+        restart = u.schedule == "restart"
+        big_schedule = training.make_schedule(config.optim, big_steps if restart else steps,
+                                              start=s_at if restart else 0)
+        tx_big = training.make_optimizer(config.optim, big_steps if restart else steps, update_scales=scales,
+                                         start=s_at if restart else 0)
         if u.map_optimizer:
             big_opt = upscale.widen_optimizer_state(state.opt_state, state.params, small_cfg, u.factor, grow=u.grow)
         else:
             big_opt = _reset_schedule_count(tx_big.init(big_params), s_at)
-        val = training.eval_host_batches(corpus, config.data, 1, config.seed)[0]
-        lossless = upscale.assert_lossless(state.params, small_cfg, big_params, big_cfg,
-                                           {"inputs": val["inputs"][:4]}, atol=u.lossless_atol, rtol=0.0)
-        small_logits = Transformer(small_cfg).apply({"params": state.params}, val["inputs"][:4])
-        big_logits = Transformer(big_cfg).apply({"params": big_params}, val["inputs"][:4])
-        report["max_abs_logit_diff"] = float(jnp.max(jnp.abs(small_logits - big_logits)))
-        report["logit_scale"] = float(jnp.max(jnp.abs(small_logits)))
-        report["lossless_check"] = {k: v for k, v in lossless.items()}
+        val = training.eval_host_batches(corpus, config.data, 1, config.seed)[0]["inputs"][:4]
+        lossless = upscale.assert_lossless(state.params, small_cfg, big_params, big_cfg, {"inputs": val},
+                                           atol=u.lossless_atol, rtol=0.0)
+        report["max_abs_logit_diff"] = lossless["logits"]
+        report["logit_scale"] = float(jnp.max(jnp.abs(Transformer(small_cfg).apply({"params": state.params}, val))))
+        report["lossless_check"] = lossless
         say(f"widened x{u.factor}: assert_lossless passed, max |logit diff| = {report['max_abs_logit_diff']:.2e} "
             f"(logit scale {report['logit_scale']:.1f})")
         big_state = training.TrainState(step=jnp.asarray(s_at, jnp.int32), params=big_params, opt_state=big_opt)
         # -- arm A, phase 2: the widened model ---------------------------------------------------
         small_flops = s_at * small.flops_per_step
         big_a = training.run_phase(training.Phase(
-            model_cfg=big_cfg, tx=tx_big, start=s_at, end=steps, workdir=os.path.join(workdir, "a_big"),
-            state=big_state, flops_offset=small_flops, name="A widened", schedule=schedule), config, corpus, mesh)
+            model_cfg=big_cfg, tx=tx_big, start=s_at, end=s_at + big_steps, workdir=os.path.join(workdir, "a_big"),
+            state=big_state, flops_offset=small_flops, name="A widened", schedule=big_schedule),
+            config, corpus, mesh)
         report["loss_before_widen"] = small.history[-1]["val_loss"]
-        report["loss_after_widen"] = big_a.history[0]["val_loss"] if big_a.resumed_from is None else None
+        report["loss_after_widen"] = next((h["val_loss"] for h in big_a.history if h["step"] == s_at), None)
         report["final_loss_upscaled"] = big_a.history[-1]["val_loss"]
-        report["flops_upscaled_total"] = small_flops + (steps - s_at) * big_a.flops_per_step
+        report["flops_upscaled_total"] = small_flops + big_steps * big_a.flops_per_step
         arms["upscaled (A)"] = small.history + big_a.history[1:]
         report["widen_flops"] = small_flops
 
     if "scratch" in u.arms:
-        tx_b = training.make_optimizer(config.optim, steps)
-        big_model = Transformer(big_cfg)
-        scratch = training.run_phase(training.Phase(
-            model_cfg=big_cfg, tx=tx_b, start=0, end=steps, workdir=os.path.join(workdir, "b_scratch"),
-            init=lambda key: training.init_state(big_model, tx_b, key, seq_len), name="B scratch",
-            schedule=schedule), config, corpus, mesh)
+        scratch = from_scratch(big_cfg, steps, "b_scratch", "B scratch")
         report["final_loss_scratch"] = scratch.history[-1]["val_loss"]
         report["flops_scratch_total"] = steps * scratch.flops_per_step
         arms["scratch (B)"] = scratch.history

@@ -22,6 +22,7 @@ see keys 0-2 and row 4 sees keys 3-4; under uniae row 4 sees keys {0, 3, 4}.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -118,26 +119,21 @@ def padding(valid, *, queries: bool = False) -> Array:
     return keys & v[:, None, :, None]
 
 
-def and_(*masks) -> Array:
-    """Elementwise AND of masks (broadcasting); None entries are ignored."""
+def _combine(op, name: str, masks) -> Array:
     masks = [m for m in masks if m is not None]
     if not masks:
-        raise ValueError("and_ needs at least one mask")
-    out = masks[0]
-    for m in masks[1:]:
-        out = out & m
-    return out
+        raise ValueError(f"{name} needs at least one mask")
+    return functools.reduce(op, masks)
+
+
+def and_(*masks) -> Array:
+    """Elementwise AND of masks (broadcasting); None entries are ignored."""
+    return _combine(jnp.logical_and, "and_", masks)
 
 
 def or_(*masks) -> Array:
     """Elementwise OR of masks (broadcasting); None entries are ignored."""
-    masks = [m for m in masks if m is not None]
-    if not masks:
-        raise ValueError("or_ needs at least one mask")
-    out = masks[0]
-    for m in masks[1:]:
-        out = out | m
-    return out
+    return _combine(jnp.logical_or, "or_", masks)
 
 
 def make(kind: str, segment_ids, document_ids=None) -> Array:

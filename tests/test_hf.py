@@ -379,6 +379,44 @@ def test_one_trace_per_length_bucket(minilm, monkeypatch):
         hf.sentence_encoder.cache_clear()
 
 
+def _word_tokenizer():
+    """A 50-word WordLevel tokenizer with BERT's [CLS] ... [SEP] template (ids fit the tiny model)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i for i in range(4, 50)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return tok
+
+
+def test_embed_equals_pooled_transformer_output_float32_and_float64():
+    """embed == normalised mean of the Transformer's hidden states over the real tokens (numpy), in float32
+    and float64; the tiny model's max_position_embeddings (24) truncates the long text."""
+    tok = _word_tokenizer()
+    texts = ["w10 w11 w12 w13 w14 w15 w16 w17 w18", " ".join(f"w{4 + i % 46}" for i in range(40))]
+    token_ids = [[2, *range(10, 19), 3], [2, *[4 + j for j in range(22)], 3]]
+    cfg, params = hf.load_bert(TINY, head="none")
+    got32 = hf.embed(texts, model=(cfg, params), tokenizer=tok)
+    apply = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t))
+    for i, ids in enumerate(token_ids):
+        h = np.asarray(apply(params, np.asarray([ids], np.int32)))[0].astype(np.float64)
+        np.testing.assert_allclose(got32[i], h.mean(0) / np.linalg.norm(h.mean(0)), atol=2e-6, rtol=0)
+    with jax.enable_x64(True):
+        cfg64, params64 = hf.load_bert(TINY, head="none", dtype="float64")
+        assert hf.inference_config(cfg64).attention_impl == "auto"  # float64 keeps the einsum path
+        got64 = hf.embed(texts, model=(cfg64, params64), tokenizer=tok)
+    assert got64.dtype == np.float32  # embed returns float32 whatever the compute dtype
+    np.testing.assert_allclose(got64, got32, atol=2e-6, rtol=0)
+
+
+def test_inference_config_fuses_attention_on_cpu_only_when_automatic():
+    cfg = TransformerConfig.preset("bert", head="none")
+    assert hf.inference_config(cfg).attention_impl == ("xla" if jax.default_backend() == "cpu" else "auto")
+    assert hf.inference_config(cfg.replace(attention_impl="einsum")).attention_impl == "einsum"
+    assert hf.inference_config(cfg).replace(attention_impl="auto") == cfg
+
+
 def test_embed_argument_errors(minilm):
     path, cfg, params = minilm
     with pytest.raises(TypeError, match="sequence of strings"):
@@ -409,11 +447,10 @@ def test_widened_minilm_is_lossless_on_real_text(minilm, grow):
     big, big_cfg = upscale.widen(params, cfg, 2, grow=grow)
     assert big_cfg.num_heads * big_cfg.head_dim == big_cfg.d_model == 768  # an ordinary HF BERT shape
     tok = hf.load_tokenizer(path)
-    encoded = hf.encode_texts(tok, SENTENCES[:2], 64)
-    for ids, types in encoded:  # padding-free real text: hidden states, attention, outputs
-        report = upscale.assert_lossless(params, cfg, big, big_cfg, np.asarray([ids], np.int32),
-                                         segment_ids=np.asarray([types], np.int32), atol=1e-5, rtol=1e-5)
-        assert report["logits"] < 1e-5 and report["layer_5/attention_probs"] < 1e-5
+    [(ids, types)] = hf.encode_texts(tok, [" ".join(SENTENCES)], 64)  # real text, no padding
+    report = upscale.assert_lossless(params, cfg, big, big_cfg, np.asarray([ids], np.int32),
+                                     segment_ids=np.asarray([types], np.int32), atol=1e-5, rtol=1e-5)
+    assert len(ids) > 30 and report["logits"] < 1e-5 and report["layer_5/attention_probs"] < 1e-5
     small_e = hf.embed(SENTENCES, model=(cfg, params), tokenizer=path)
     big_e = hf.embed(SENTENCES, model=(big_cfg, big), tokenizer=path)
     np.testing.assert_allclose(big_e, np.repeat(small_e, 2, axis=1) / math.sqrt(2), atol=1e-5, rtol=0)
@@ -422,25 +459,57 @@ def test_widened_minilm_is_lossless_on_real_text(minilm, grow):
     assert cos_small[0, 1] > cos_small[0, 2] + 0.2  # the cosines are meaningful, not all equal
 
 
-def test_cli_widen_then_embed(minilm, reference, tmp_path, capsys):
+def _check_widened_dir(src, out, d_model):
+    for name in ("tokenizer.json", "sentence_bert_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
+    assert json.loads((out / "1_Pooling/config.json").read_text())["word_embedding_dimension"] == d_model
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == d_model
+
+
+@pytest.mark.parametrize("grow", ["num_heads", "head_dim"])
+def test_cli_widen_then_embed_tiny(tmp_path, capsys, grow):
+    """widen --out DIR writes a checkpoint + tokenizer files that embed --model DIR reads back."""
+    src = _tiny_copy(tmp_path)
+    _word_tokenizer().save(str(src / "tokenizer.json"))
+    (src / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12}))
+    (src / "1_Pooling").mkdir()
+    (src / "1_Pooling/config.json").write_text(json.dumps({"word_embedding_dimension": 16,
+                                                           "pooling_mode_mean_tokens": True}))
+    texts = ["w5 w6 w7", "w9 w30 w31 w32 w33 w34 w35 w36 w37 w38 w39 w40 w41"]  # the second is truncated
+    assert hf.main(["embed", "--model", str(src), *texts]) == 0
+    small = np.asarray(json.loads(capsys.readouterr().out))
+    out = tmp_path / "wide"
+    assert hf.main(["widen", "--model", str(src), "--factor", "3", "--grow", grow, "--out", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["hidden_size"], info["num_heads"], info["layer_norm_eps"]) == (
+        48, 12 if grow == "num_heads" else 4, 1e-6 / 3)
+    _check_widened_dir(src, out, 48)
+    assert hf.main(["embed", "--model", str(out), *texts]) == 0
+    wide = np.asarray(json.loads(capsys.readouterr().out))
+    assert small.shape == (2, 16) and wide.shape == (2, 48)
+    np.testing.assert_allclose(wide, np.repeat(small, 3, axis=1) / math.sqrt(3), atol=1e-6, rtol=0)
+    assert abs(small[1] @ small[0]) < 0.999  # different texts, different vectors
+
+
+@pytest.mark.slow
+def test_cli_widen_then_embed_minilm(minilm, reference, tmp_path, capsys):
     path, cfg, _ = minilm
     out = tmp_path / "wide"
     assert hf.main(["widen", "--model", str(path), "--factor", "2", "--out", str(out)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["hidden_size"], info["num_heads"], info["head_dim"], info["layer_norm_eps"]) == (768, 24, 32, 5e-13)
-    for name in ("tokenizer.json", "vocab.txt", "modules.json", "sentence_bert_config.json"):
-        assert (out / name).read_bytes() == (path / name).read_bytes()
-    assert json.loads((out / "1_Pooling/config.json").read_text())["word_embedding_dimension"] == 768
-    assert json.loads((out / "config.json").read_text())["hidden_size"] == 768
+    _check_widened_dir(path, out, 768)
     texts = reference["texts"][:3]
     assert hf.main(["embed", "--model", str(out), *texts]) == 0
     vectors = np.asarray(json.loads(capsys.readouterr().out))
     ref = np.asarray(reference["embeddings"][:3])
-    assert vectors.shape == (3, 768)
     np.testing.assert_allclose(vectors, np.repeat(ref, 2, axis=1) / math.sqrt(2), atol=1e-5, rtol=0)
-    assert hf.main(["embed", "--model", str(path), texts[0]]) == 0
+
+
+def test_cli_embed_minilm(minilm, reference, capsys):
+    assert hf.main(["embed", "--model", str(minilm[0]), reference["texts"][0]]) == 0
     small = np.asarray(json.loads(capsys.readouterr().out))
-    assert small.shape == (1, 384) and np.max(np.abs(small[0] - ref[0])) <= 1e-5
+    assert small.shape == (1, 384) and np.max(np.abs(small[0] - reference["embeddings"][0])) <= 1e-5
 
 
 def test_cli_errors(tmp_path, capsys):

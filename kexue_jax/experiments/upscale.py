@@ -100,6 +100,10 @@ def _plot(path: str, arms: dict[str, list[dict]], widen_flops: float | None) -> 
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
     if widen_flops is not None:
         ax.axvline(widen_flops, color="gray", ls=":", label="widen")
+    later = [h["val_loss"] for hist in arms.values() for h in hist if h.get("step", 0) > 0 and "val_loss" in h]
+    if later:  # the loss at initialization (ln V) would flatten everything else
+        lo, hi = min(later), max(later)
+        ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("validation loss (nats/byte)")
     ax.set_title("lossless upscaling (kexue.fm/archives/8444)")

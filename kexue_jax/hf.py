@@ -35,7 +35,9 @@ with ``pooling_mode_mean_tokens`` -> Normalize), with m_t = 1 for real tokens an
 
     e = sum_t m_t h_t / max(sum_t m_t, 1e-9),      embedding = e / max(||e||_2, 1e-12)
 
-Padding keys are masked in attention through the model's ``valid=`` argument; texts are truncated to
+Texts are sorted by length and padded to power-of-two length buckets (one compilation per bucket); padding
+keys are masked in attention through the model's ``valid=`` argument; on CPU the forward pass uses the fused
+attention (``inference_config``). Texts are truncated to
 ``sentence_bert_config.json``'s ``max_seq_length`` when the checkpoint has one (256 for MiniLM, what
 sentence-transformers uses), else to ``max_position_embeddings``.
 
@@ -368,10 +370,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: TransformerConfig, *,
         if decoder is not None and not np.array_equal(decoder, tensors["embeddings.word_embeddings.weight"]):
             raise ValueError(f"{source}: tensor 'cls.predictions.decoder.weight' differs from the word "
                              f"embeddings; only the tied MLM decoder (TransformerConfig head='mlm') is supported")
-        if "cls.predictions.decoder.bias" in tensors and not np.array_equal(
-                tensors["cls.predictions.decoder.bias"], tensors.get("cls.predictions.bias",
-                                                                     tensors["cls.predictions.decoder.bias"])):
-            raise ValueError(f"{source}: 'cls.predictions.decoder.bias' differs from 'cls.predictions.bias'")
+        decoder_bias, bias = tensors.get("cls.predictions.decoder.bias"), tensors.get("cls.predictions.bias")
+        if decoder_bias is not None and bias is not None and not np.array_equal(decoder_bias, bias):
+            raise ValueError(f"{source}: tensor 'cls.predictions.decoder.bias' differs from 'cls.predictions.bias'")
         used |= {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
     ignored = IGNORED_PREFIXES + (("cls.predictions.",) if cfg.head == "none" else ())
     unknown = sorted(n for n in tensors if n not in used and not n.startswith(ignored))

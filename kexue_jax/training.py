@@ -342,21 +342,20 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
 
     val_batches = eval_host_batches(corpus, c.data, c.train.eval_batches, seed)
 
+    eval_sharding = parallel.batch_sharding(mesh)
+    all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))
+
     def evaluate(params) -> float:
-        bsh_eval = parallel.batch_sharding(mesh)
         if mode == "pmap":
-            params = jax.device_put(params, jax.tree_util.tree_map(lambda s: s, shardings.params))
+            params = jax.device_put(params, shardings.params)
         tot = cnt = 0.0
         for vb in val_batches:
-            s, n = eval_step(params, data_lib.to_global(vb, bsh_eval))
+            s, n = eval_step(params, data_lib.to_global(vb, eval_sharding))
             tot, cnt = tot + float(s), cnt + float(n)
         return tot / max(cnt, 1.0)
 
     def save(s, t):
-        finite = bool(jax.device_get(jax.jit(
-            lambda p: jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))(
-                current(s).params)))
-        if not finite:
+        if not bool(jax.device_get(all_finite(current(s).params))):
             raise NonFiniteLoss(f"{tag}non-finite parameters at step {t}; not checkpointed")
         ckpt.save(t, current(s))
 

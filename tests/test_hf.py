@@ -491,6 +491,21 @@ def test_cli_widen_then_embed_tiny(tmp_path, capsys, grow):
     assert abs(small[1] @ small[0]) < 0.999  # different texts, different vectors
 
 
+def test_widen_checkpoint_with_noise_is_exact_but_breaks_symmetry(tmp_path, tiny_outputs):
+    big_cfg, out = hf.widen_checkpoint(TINY, tmp_path / "n", 2, grow="head_dim", noise=0.05, seed=3)
+    assert (big_cfg.d_model, big_cfg.num_heads, big_cfg.head_dim) == (32, 4, 8)
+    assert not (out / "tokenizer.json").exists()  # nothing to copy from the tiny checkpoint
+    cfg, params = hf.load_bert(out)
+    assert cfg == big_cfg
+    wi = params["layer_0"]["ffn"]["wi"]["kernel"]  # rows 2j and 2j+1 read the two copies of input j
+    assert np.max(np.abs(wi[0::2] - wi[1::2])) > 1e-3
+    t = tiny_outputs
+    logits = Transformer(cfg).apply({"params": params}, t["input_ids"], t["token_type_ids"],
+                                    valid=t["attention_mask"].astype(bool))
+    ref = t["prediction_logits"]
+    assert np.max(np.abs(np.asarray(logits) - ref)) <= 2e-5 * np.max(np.abs(ref))
+
+
 @pytest.mark.slow
 def test_cli_widen_then_embed_minilm(minilm, reference, tmp_path, capsys):
     path, cfg, _ = minilm

@@ -444,7 +444,9 @@ def test_shakespeare_dataset_bytes():
 
 
 def test_minilm_features_fail_clearly_without_the_embedder(monkeypatch, tmp_path, capsys):
-    monkeypatch.setitem(sys.modules, "kexue_jax.hf", None)  # as if kexue_jax/hf.py did not exist
+    import kexue_jax
+    monkeypatch.setitem(sys.modules, "kexue_jax.hf", None)  # as if kexue_jax/hf.py could not be imported
+    monkeypatch.delattr(kexue_jax, "hf", raising=False)
     with pytest.raises(RuntimeError, match=r"kexue_jax\.hf\.embed .*--features bytes"):
         an._minilm_features(["a line"])
     rc = an.main(["--experiment", "shakespeare", "--features", "minilm", "--out", str(tmp_path)])

@@ -221,3 +221,31 @@ def test_two_processes_equal_one_process(tmp_path):
     c.train.steps = 4
     chex.assert_trees_all_close(_restore_params(tmp_path / "multi", c, 4),
                                 _restore_params(tmp_path / "single", c, 4), atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_the_rerun_resumes(tmp_path):
+    """A real process: SIGTERM between checkpoints saves the current step; rerunning resumes from it."""
+    import signal
+    import time
+
+    flags = ["--config=configs/lm.py:tiny", "--config.train.steps=400", "--config.train.checkpoint_every=1000",
+             "--config.train.log_every=5", "--config.train.eval_every=1000", "--config.train.plot=False",
+             f"--workdir={tmp_path}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "train.py", *flags], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert "SIGTERM: saved step" in out, out[-2000:]
+    steps = ckpt_lib.Checkpointer(tmp_path / "checkpoints").all_steps()
+    assert len(steps) == 1 and 0 < steps[0] < 400
+    again = subprocess.run([sys.executable, "train.py", *flags[:1], "--config.train.steps=" + str(steps[0] + 20),
+                            *flags[2:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resumed from step {steps[0]}" in again.stdout

@@ -317,6 +317,7 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
     flops_per_step = float(flops_lib.training_flops(phase.model_cfg, seq_len, batch_size))
     step_kw = dict(seed=seed, grad_accum=c.train.grad_accum, alpha_warmup_steps=c.train.alpha_warmup_steps)
     eval_step = jax.jit(make_eval_step(model))
+    batch_sharding = parallel.batch_sharding(mesh)
     if mode == "pmap":
         pstep = jax.pmap(make_train_step(model, phase.tx, axis_name="batch", **step_kw), axis_name="batch",
                          donate_argnums=0)
@@ -329,20 +330,18 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
         def current(s):
             return parallel.unreplicate(s)
     else:
-        bsh = parallel.batch_sharding(mesh)
         jstep = jax.jit(make_train_step(model, phase.tx, **step_kw), donate_argnums=0,
                         out_shardings=(shardings, None))
         run_state = state
 
         def do_step(s, t):
-            return jstep(s, data_lib.to_global(host_batch(corpus, c.data, t, seed), bsh))
+            return jstep(s, data_lib.to_global(host_batch(corpus, c.data, t, seed), batch_sharding))
 
         def current(s):
             return s
 
     val_batches = eval_host_batches(corpus, c.data, c.train.eval_batches, seed)
 
-    eval_sharding = parallel.batch_sharding(mesh)
     all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))
 
     def evaluate(params) -> float:
@@ -350,7 +349,7 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
             params = jax.device_put(params, shardings.params)
         tot = cnt = 0.0
         for vb in val_batches:
-            s, n = eval_step(params, data_lib.to_global(vb, eval_sharding))
+            s, n = eval_step(params, data_lib.to_global(vb, batch_sharding))
             tot, cnt = tot + float(s), cnt + float(n)
         return tot / max(cnt, 1.0)
 
@@ -387,14 +386,23 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
         writer.write(t, m)
         _say(tag + progress(t, {"loss": m["loss"], "bpb": m["bpb"]}))
 
+    def record_eval(t: int) -> float:
+        v = evaluate(current(run_state).params)
+        rec = {"step": t, "val_loss": v, "val_bpb": v / math.log(2.0),
+               "flops": phase.flops_offset + (t - phase.start) * flops_per_step}
+        history.append(rec)
+        writer.write(t, {k: x for k, x in rec.items() if k != "step"})
+        return v
+
+    def check_loss(t: int) -> None:
+        if bool(jax.device_get(bad)):
+            raise NonFiniteLoss(f"{tag}non-finite loss before step {t}; stopped. The last good "
+                                f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+
     with _Preemption() as preempt:
         try:
             if step == phase.start and resumed_from is None:
-                v = evaluate(current(run_state).params)
-                rec = {"step": step, "val_loss": v, "val_bpb": v / math.log(2.0),
-                       "flops": phase.flops_offset}
-                history.append(rec)
-                writer.write(step, {k: x for k, x in rec.items() if k != "step"})
+                record_eval(step)
             while step < phase.end:
                 run_state, m = do_step(run_state, step)
                 bad = bad | ~jnp.isfinite(m["loss"] if mode != "pmap" else m["loss"][0])
@@ -406,19 +414,11 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
                 if step % c.train.log_every == 0 or step == phase.end:
                     pending = (step, m if mode != "pmap" else parallel.unreplicate(m))
                 if step % c.train.eval_every == 0 or step == phase.end:
-                    if bool(jax.device_get(bad)):
-                        raise NonFiniteLoss(f"{tag}non-finite loss before step {step}; stopped. The last good "
-                                            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
-                    v = evaluate(current(run_state).params)
-                    rec = {"step": step, "val_loss": v, "val_bpb": v / math.log(2.0),
-                           "flops": phase.flops_offset + (step - phase.start) * flops_per_step}
-                    history.append(rec)
-                    writer.write(step, {k: x for k, x in rec.items() if k != "step"})
+                    check_loss(step)
+                    v = record_eval(step)
                     _say(f"{tag}step {step}: val_loss {v:.4f} (val bpb {v / math.log(2.0):.3f})")
                 if step % c.train.checkpoint_every == 0 or step == phase.end or preempt.requested:
-                    if bool(jax.device_get(bad)):
-                        raise NonFiniteLoss(f"{tag}non-finite loss before step {step}; stopped. The last good "
-                                            f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+                    check_loss(step)
                     save(run_state, step)
                     if preempt.requested:
                         ckpt.wait()

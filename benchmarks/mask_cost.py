@@ -1,4 +1,4 @@
-"""Cost of building a UniLM mask vs one attention forward (issue 2; masks of kexue.fm/archives/6933, 8475).
+"""Cost of building a UniLM mask vs one attention forward (masks of kexue.fm/archives/6933, 8475).
 
 The mask algebra of ``kexue_jax.nn.masks`` is broadcast comparisons of per-position vectors (c = cumsum(s),
 allowed(i, j) = c_j <= c_i), i.e. O(B L^2) boolean work, against the O(B H L^2 d) flops of attention.

@@ -1,4 +1,4 @@
-"""Training-step throughput of the "gpt" preset vs a plain flax.linen GPT of the same shapes (issue 2).
+"""Training-step throughput of the "gpt" preset vs a plain flax.linen GPT of the same shapes.
 
 Both models: Pre-LN GPT, d_model 256, 4 layers, 4 heads x head_dim 64, d_ff 1024, seq 256, batch 16, vocab 260,
 fp32, learned positions, exact-erf GELU, biases, tied embeddings, causal mask (kexue.fm/archives/8620 for the

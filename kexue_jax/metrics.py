@@ -1,8 +1,7 @@
 """Metrics: JSON lines + TensorBoard writer, the progress line, curves from the log.
 
-Implements the design card's decision (`/work/shared/DESIGN.md`): "Metrics: a small writer of our own
-(log line + JSON lines in the workdir, TensorBoard through tensorboardX when installed). No TensorFlow
-anywhere" and "process 0 alone writes logs" (``is_primary``). The progress line follows big_vision's
+A small writer of our own: a log line and JSON lines in the workdir, TensorBoard through tensorboardX
+when installed, no TensorFlow anywhere; process 0 alone writes logs (``is_primary``). The progress line follows big_vision's
 (steps, throughput, ETA) with the model-FLOPs utilisation of kexue.fm/archives/8610:
 
     MFU = (model FLOPs per step x steps per second) / peak FLOP/s of the hardware.
@@ -38,6 +37,17 @@ def _as_float(name: str, value: Any) -> float:
                          ) from None
 
 
+def _drop_partial_last_line(path: Path) -> None:
+    """Cut a line left unfinished by a killed run (no final newline), so appended records start on a
+    line of their own instead of gluing onto it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricWriter:
     """Appends scalar metrics to ``workdir/metrics.jsonl`` and TensorBoard event files.
 
@@ -54,6 +64,7 @@ class MetricWriter:
         if not self.is_primary:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        _drop_partial_last_line(self.workdir / METRICS_FILE)
         self._jsonl = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")
         if tensorboard:
             try:

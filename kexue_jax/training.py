@@ -9,15 +9,20 @@ Loss: token cross-entropy in float32, sum over weighted positions divided by the
 so the sharded mode (one global mean) and the pmap mode (psum of per-device sums and counts) give the
 same gradients. Gradient accumulation scans over micro-batches and sums gradients of the summed loss.
 The alpha-residual scale alpha_t = min(1, t / T) (kexue.fm/archives/8620) is computed inside the step.
+
+Faults: a workdir stores the config that started it (``config.json``) and refuses a resume with another
+one (``check_resume``); every process restores the same checkpoint step (unreadable steps are moved to
+``checkpoints/corrupt/`` and written again); SIGTERM on any process stops all of them at the same step,
+after saving it. ``run_phase`` = ``check_resume`` -> ``restore_or_init`` -> ``compile_steps`` -> ``train_loop``.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
 import signal
-import time
 from typing import Any, Callable
 
 import flax
@@ -25,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from kexue_jax import checkpoint as ckpt_lib
 from kexue_jax import config as config_lib
@@ -72,24 +78,33 @@ def make_schedule(optim, total_steps: int, *, start: int = 0):
     return lambda count: base(jnp.maximum(count - start, 0))
 
 
-def make_optimizer(optim, total_steps: int, *, update_scales=None, start: int = 0) -> optax.GradientTransformation:
+def _per_tensor_scale(scales) -> optax.GradientTransformation:
+    """Multiply each update leaf by a fixed scalar of ``scales`` (a params-shaped tree); identity if None."""
+    if scales is None:
+        return optax.identity()
+    return optax.stateless(lambda u, p=None: jax.tree_util.tree_map(lambda a, c: a * c.astype(a.dtype), u, scales))
+
+
+def make_optimizer(optim, total_steps: int, *, update_scales=None, start: int = 0, lr_scales=None,
+                   schedule=None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping and decoupled weight decay on matrices (ndim >= 2).
 
     The chain always has the same structure, clip -> scale_by_adam -> [per-tensor update scale] ->
-    decay -> -lr, so Adam state maps between a small and a widened model (``upscale``)."""
+    decay -> -lr -> [per-tensor learning-rate multiplier], so Adam state maps between a small and a widened
+    model (``upscale``). ``lr_scales`` multiplies the whole step of each tensor (decay included), i.e. a
+    per-tensor learning rate lr_i = lr x lr_scales_i. ``schedule`` replaces ``make_schedule(optim,
+    total_steps, start=start)``."""
     def decay_mask(params):
         return jax.tree_util.tree_map(lambda x: jnp.ndim(x) >= 2, params)
 
-    scale = (optax.identity() if update_scales is None else
-             optax.stateless(lambda u, p=None: jax.tree_util.tree_map(lambda a, c: a * c.astype(a.dtype),
-                                                                       u, update_scales)))
     clip = optax.identity() if optim.clip_norm is None else optax.clip_by_global_norm(float(optim.clip_norm))
     return optax.chain(
         clip,
         optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2), eps=float(optim.eps)),
-        scale,
+        _per_tensor_scale(update_scales),
         optax.add_decayed_weights(float(optim.weight_decay), mask=decay_mask),
-        optax.scale_by_learning_rate(make_schedule(optim, total_steps, start=start)),
+        optax.scale_by_learning_rate(schedule or make_schedule(optim, total_steps, start=start)),
+        _per_tensor_scale(lr_scales),
     )
 
 
@@ -176,12 +191,26 @@ class Corpus:
 
 
 def load_corpus(data_cfg) -> Corpus:
-    plays = data_lib.load_plays(data_cfg.path or None)
+    """The train / validation bytes of ``config.data`` (``data.split_corpus``: whole documents, or a
+    single document's last ``val_fraction`` of bytes at a line start), checked to hold a training
+    window and one validation batch. Raises ConfigError naming the fields before anything is written."""
+    try:
+        plays = data_lib.load_plays(data_cfg.path or None)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.{e}" if str(e).startswith("data.") else f"config.data.path: {e}") from None
     train, val = data_lib.split_corpus(plays, data_cfg.val_fraction, data_cfg.split_seed)
-    need = data_cfg.seq_len + 2
+    seq_len, batch = data_cfg.seq_len, data_cfg.batch_size
+    need = seq_len + 2
     if len(train) < need or len(val) < need:
-        raise ValueError(f"config.data.path: the text is too short for data.seq_len={data_cfg.seq_len} "
-                         f"(train {len(train)} bytes, validation {len(val)} bytes)")
+        raise config_lib.ConfigError(
+            f"config.data.path: the text is too short for data.seq_len={seq_len} (train {len(train)} bytes, "
+            f"validation {len(val)} bytes)")
+    windows = (len(val) - 1) // seq_len
+    if data_cfg.objective == "lm" and windows < batch:
+        raise config_lib.ConfigError(
+            f"config.data: the validation split ({len(val):,} bytes, data.val_fraction={data_cfg.val_fraction}) "
+            f"holds {windows} windows of data.seq_len={seq_len}, fewer than one batch (data.batch_size={batch}); "
+            f"raise data.val_fraction, lower data.batch_size or data.seq_len, or give more text")
     return Corpus(train, val)
 
 
@@ -230,6 +259,11 @@ class Phase:
     flops_offset: float = 0.0
     name: str = ""
     schedule: Callable[[int], Any] | None = None  # for the "lr" column of the metrics
+    #: optional early stop: called with the evaluation history after each evaluation (and on resume);
+    #: True ends the phase there, with a checkpoint (e.g. "the target loss is reached").
+    stop_when: Callable[[list[dict]], bool] | None = None
+    #: optional extra evaluation metrics: params -> {name: float}, recorded with each validation loss.
+    eval_extra: Callable[[Any], dict] | None = None
 
 
 @dataclasses.dataclass
@@ -244,27 +278,50 @@ def _is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
+    """Print a progress message on process 0 only (the others stay silent)."""
     if _is_primary():
         print(msg, flush=True)
 
 
+_say = say
+
+
+def itstime(step: int, every: int, *, last: int | None = None) -> bool:
+    """Whether a periodic action is due after ``step``: at multiples of ``every`` (0 = never) and at
+    ``last`` (the phase's final step), as big_vision's ``itstime``."""
+    return (every > 0 and step % every == 0) or (last is not None and step == last)
+
+
 class _Preemption:
-    """SIGTERM sets a flag; the loop then saves a checkpoint at the current step and stops cleanly."""
+    """Whether to stop for SIGTERM after a step, decided alike on every process.
+
+    One process: SIGTERM sets a flag (a Python handler, restored on exit). Several processes:
+    ``jax.distributed`` catches SIGTERM on whichever process receives it, and
+    ``multihost_utils.reached_preemption_sync_point(step)`` becomes True at the same step on all
+    processes (no Python handler is installed there: it would replace jax's)."""
 
     def __init__(self):
         self.requested = False
         self._old = None
+        self._multi = jax.process_count() > 1
 
     def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
+        if not self._multi:
+            try:
+                self._old = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread
+                self._old = None
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Call once per step, on every process, with the same ``step``."""
+        if self._multi:
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.requested
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -275,22 +332,39 @@ class Preempted(RuntimeError):
     """The run received SIGTERM and saved a checkpoint; rerun the same command to resume."""
 
 
-def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | None = None) -> PhaseResult:
-    """Train ``phase`` (resuming from its latest good checkpoint), logging, evaluating and checkpointing.
+def check_resume(config, workdir: str) -> None:
+    """Refuse to resume ``workdir`` with another config: ConfigError listing the differing fields if
+    ``workdir/config.json`` (the stored config of the run there) differs from ``config`` outside
+    ``config.RESUMABLE_FIELDS``. Nothing is written; a workdir without a stored config passes."""
+    path = os.path.join(workdir, metrics_lib.CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        stored = json.load(f)
+    changes = config_lib.config_changes(stored, config)
+    if changes:
+        raise config_lib.ConfigError(
+            f"config: {workdir} holds a run of another config, not resumed ({len(changes)} field(s) differ: "
+            f"{'; '.join(changes)}). Use another --workdir, or the same config (fields that may change on "
+            f"resume: {', '.join(config_lib.RESUMABLE_FIELDS)})")
 
-    ``stop_after``: stop (without a final checkpoint) once this many steps ran in this call, as a killed
-    run would (used by the resume tests).
-    """
-    c = config
-    mode = c.parallel.mode
-    model = Transformer(phase.model_cfg)
-    os.makedirs(phase.workdir, exist_ok=True)
-    writer = metrics_lib.MetricWriter(phase.workdir, is_primary=_is_primary())
-    ckpt = ckpt_lib.Checkpointer(os.path.join(phase.workdir, "checkpoints"), max_to_keep=c.train.keep_checkpoints)
-    seed = int(c.seed)
+
+def store_config(config, workdir: str) -> None:
+    """Write the resolved ``config`` to ``workdir/config.json`` (process 0), unless the run there stored
+    one already (the config that started a run stays its reference). Jobs that do not train through
+    :func:`run_phase` call :func:`check_resume` and this themselves."""
+    path = os.path.join(workdir, metrics_lib.CONFIG_FILE)
+    if _is_primary() and not os.path.exists(path):
+        os.makedirs(workdir, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config_lib.to_dict(config), indent=2, sort_keys=True, default=str) + "\n")
+
+
+def restore_or_init(phase: Phase, ckpt: ckpt_lib.Checkpointer, mesh, seed: int):
+    """``(state, state shardings, resumed step or None)``: the phase's newest readable checkpoint
+    (every process restores the same step), else ``phase.state`` or ``phase.init(key)``, sharded for
+    ``mesh``. A checkpoint that does not fit the phase's model raises ``CheckpointMismatch``."""
     tag = f"[{phase.name}] " if phase.name else ""
-
-    # -- state: resume, given, or born sharded --------------------------------------------------
     if phase.state is not None:
         abstract = jax.eval_shape(lambda s: s, phase.state)
     else:
@@ -298,37 +372,52 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
     shardings = parallel.state_shardings(abstract, mesh)
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
-    resumed_from = None
-    state = None
-    if ckpt.latest_step() is not None:
-        state, resumed_from = ckpt.restore(target)
-        _say(f"{tag}resumed from step {resumed_from} ({ckpt.directory})")
-    if state is None:
-        if phase.state is not None:
-            state = jax.device_put(phase.state, shardings)
-        else:
-            state = jax.jit(phase.init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    state, resumed_from = (None, None) if ckpt.latest_step() is None else ckpt.restore(target)
+    if state is not None:
+        say(f"{tag}resumed from step {resumed_from} ({ckpt.directory})")
+    elif phase.state is not None:
+        state = jax.device_put(phase.state, shardings)
+    else:
+        state = jax.jit(phase.init, out_shardings=shardings)(jax.random.PRNGKey(seed))
     step = int(jax.device_get(state.step))
     if resumed_from is None and step != phase.start:
         raise ValueError(f"{tag}the initial state is at step {step}, the phase starts at {phase.start}")
+    return state, shardings, resumed_from
 
-    # -- compiled steps --------------------------------------------------------------------------
-    seq_len, batch_size = c.data.seq_len, c.data.batch_size
-    flops_per_step = float(flops_lib.training_flops(phase.model_cfg, seq_len, batch_size))
+
+@dataclasses.dataclass
+class Compiled:
+    """The phase's compiled functions. ``run_state``: the state in the steps' layout (replicated under
+    pmap); ``step(run_state, t)`` -> (run_state, metrics on device); ``current(run_state)`` -> the
+    TrainState; ``evaluate(params)`` -> mean validation loss; ``all_finite(params)`` -> bool array."""
+
+    run_state: Any
+    step: Callable
+    current: Callable
+    evaluate: Callable
+    all_finite: Callable
+    flops_per_step: float
+
+
+def compile_steps(phase: Phase, config, corpus: Corpus, mesh, state: TrainState, shardings) -> Compiled:
+    """Jit (sharded mode) or pmap the train step, and jit the evaluation, for ``phase``."""
+    c, seed = config, int(config.seed)
+    model = Transformer(phase.model_cfg)
+    flops_per_step = float(flops_lib.training_flops(phase.model_cfg, c.data.seq_len, c.data.batch_size))
     step_kw = dict(seed=seed, grad_accum=c.train.grad_accum, alpha_warmup_steps=c.train.alpha_warmup_steps)
     eval_step = jax.jit(make_eval_step(model))
     batch_sharding = parallel.batch_sharding(mesh)
-    if mode == "pmap":
+    if c.parallel.mode == "pmap":
         pstep = jax.pmap(make_train_step(model, phase.tx, axis_name="batch", **step_kw), axis_name="batch",
                          donate_argnums=0)
         n_local = jax.local_device_count()
         run_state = parallel.replicate(jax.device_get(state))
 
         def do_step(s, t):
-            return pstep(s, parallel.split_for_pmap(host_batch(corpus, c.data, t, seed), n_local))
+            s, m = pstep(s, parallel.split_for_pmap(host_batch(corpus, c.data, t, seed), n_local))
+            return s, parallel.unreplicate(m)
 
-        def current(s):
-            return parallel.unreplicate(s)
+        current = parallel.unreplicate
     else:
         jstep = jax.jit(make_train_step(model, phase.tx, **step_kw), donate_argnums=0,
                         out_shardings=(shardings, None))
@@ -342,10 +431,8 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
 
     val_batches = eval_host_batches(corpus, c.data, c.train.eval_batches, seed)
 
-    all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))
-
     def evaluate(params) -> float:
-        if mode == "pmap":
+        if c.parallel.mode == "pmap":
             params = jax.device_put(params, shardings.params)
         tot = cnt = 0.0
         for vb in val_batches:
@@ -353,85 +440,135 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
             tot, cnt = tot + float(s), cnt + float(n)
         return tot / max(cnt, 1.0)
 
-    def save(s, t):
-        if not bool(jax.device_get(all_finite(current(s).params))):
-            raise NonFiniteLoss(f"{tag}non-finite parameters at step {t}; not checkpointed")
-        ckpt.save(t, current(s))
+    all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))
+    return Compiled(run_state, do_step, current, evaluate, all_finite, flops_per_step)
 
-    progress = metrics_lib.ProgressLine(phase.end, tokens_per_step=batch_size * seq_len,
-                                        flops_per_step=flops_per_step,
-                                        peak_flops=parallel.peak_flops_per_device() * jax.device_count())
-    history: list[dict] = []
-    if resumed_from is not None and os.path.exists(os.path.join(phase.workdir, metrics_lib.METRICS_FILE)):
-        # evaluations of the earlier run(s), up to the restored step
-        by_step = {r["step"]: {k: r[k] for k in ("step", "val_loss", "val_bpb", "flops") if k in r}
-                   for r in metrics_lib.read_metrics(phase.workdir) if "val_loss" in r and r["step"] <= step}
-        history = [by_step[t] for t in sorted(by_step)]
-    pending = None  # (step, metrics on device): fetched one step late
-    bad = jnp.zeros((), bool)
-    ran = 0
-    if _is_primary() and step == phase.start and resumed_from is None:
-        writer.write_config(config_lib.to_dict(c))
 
-    def flush(p):
-        t, m = p
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
+class _Recorder:
+    """Metrics, evaluations and checkpoints of one phase (process 0 writes the logs)."""
+
+    def __init__(self, phase: Phase, config, compiled: Compiled, writer, ckpt, history: list[dict]):
+        self.phase, self.compiled, self.writer, self.ckpt, self.history = phase, compiled, writer, ckpt, history
+        self.tag = f"[{phase.name}] " if phase.name else ""
+        self.progress = metrics_lib.ProgressLine(
+            phase.end, tokens_per_step=config.data.batch_size * config.data.seq_len,
+            flops_per_step=compiled.flops_per_step, peak_flops=parallel.peak_flops_per_device() * jax.device_count())
+
+    def flops(self, t: int) -> float:
+        return self.phase.flops_offset + (t - self.phase.start) * self.compiled.flops_per_step
+
+    def log(self, t: int, metrics) -> None:
+        """Write the training metrics of step ``t`` (fetched now: call it a step late)."""
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if not all(math.isfinite(v) for v in m.values()):
-            raise NonFiniteLoss(f"{tag}non-finite loss at step {t} ({m}); stopped. The last good checkpoint "
-                                f"is step {ckpt.latest_step()} in {ckpt.directory}; nothing was saved after it")
+            raise NonFiniteLoss(f"{self.tag}non-finite loss at step {t} ({m}); stopped. The last good checkpoint "
+                                f"is step {self.ckpt.latest_step()} in {self.ckpt.directory}; nothing was saved "
+                                f"after it")
         m["bpb"] = m["loss"] / math.log(2.0)
-        m["flops"] = phase.flops_offset + (t - phase.start) * flops_per_step
-        if phase.schedule is not None:
-            m["lr"] = float(phase.schedule(t - 1))
-        writer.write(t, m)
-        _say(tag + progress(t, {"loss": m["loss"], "bpb": m["bpb"]}))
+        m["flops"] = self.flops(t)
+        if self.phase.schedule is not None:
+            m["lr"] = float(self.phase.schedule(t - 1))
+        self.writer.write(t, m)
+        say(self.tag + self.progress(t, {"loss": m["loss"], "bpb": m["bpb"]}))
 
-    def record_eval(t: int) -> float:
-        v = evaluate(current(run_state).params)
-        rec = {"step": t, "val_loss": v, "val_bpb": v / math.log(2.0),
-               "flops": phase.flops_offset + (t - phase.start) * flops_per_step}
-        history.append(rec)
-        writer.write(t, {k: x for k, x in rec.items() if k != "step"})
+    def evaluate(self, t: int, run_state) -> float:
+        params = self.compiled.current(run_state).params
+        v = self.compiled.evaluate(params)
+        rec = {"step": t, "val_loss": v, "val_bpb": v / math.log(2.0), "flops": self.flops(t)}
+        if self.phase.eval_extra is not None:
+            rec.update({k: float(x) for k, x in self.phase.eval_extra(params).items()})
+        self.history.append(rec)
+        self.writer.write(t, {k: x for k, x in rec.items() if k != "step"})
         return v
 
-    def check_loss(t: int) -> None:
+    def check_loss(self, t: int, bad) -> None:
         if bool(jax.device_get(bad)):
-            raise NonFiniteLoss(f"{tag}non-finite loss before step {t}; stopped. The last good "
-                                f"checkpoint is step {ckpt.latest_step()} in {ckpt.directory}")
+            raise NonFiniteLoss(f"{self.tag}non-finite loss before step {t}; stopped. The last good "
+                                f"checkpoint is step {self.ckpt.latest_step()} in {self.ckpt.directory}")
 
+    def save(self, t: int, run_state) -> None:
+        state = self.compiled.current(run_state)
+        if not bool(jax.device_get(self.compiled.all_finite(state.params))):
+            raise NonFiniteLoss(f"{self.tag}non-finite parameters at step {t}; not checkpointed")
+        if not self.ckpt.save(t, state) and t not in self.ckpt.all_steps():
+            raise RuntimeError(f"{self.tag}checkpoint step {t} was not written to {self.ckpt.directory}")
+
+    def stop_requested(self, t: int) -> bool:
+        """The phase's ``stop_when`` says stop, right after the evaluation of step ``t``."""
+        return (self.phase.stop_when is not None and bool(self.history) and self.history[-1]["step"] == t
+                and self.phase.stop_when(self.history))
+
+
+def _previous_history(workdir: str, step: int) -> list[dict]:
+    """Evaluations an earlier run of this workdir recorded up to ``step`` (for a resumed phase)."""
+    if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
+        return []
+    by_step = {r["step"]: {k: r[k] for k in r if k in ("step", "val_loss", "val_bpb", "flops") or k.startswith("eval_")}
+               for r in metrics_lib.read_metrics(workdir) if "val_loss" in r and r["step"] <= step}
+    return [by_step[t] for t in sorted(by_step)]
+
+
+def train_loop(phase: Phase, config, compiled: Compiled, rec: _Recorder, step: int, *,
+               stop_after: int | None = None):
+    """Steps [step, phase.end): train, log a step late, evaluate, checkpoint; returns the run state.
+    SIGTERM (agreed by all processes) saves the current step and raises :class:`Preempted`."""
+    c = config.train
+    run_state, pending, bad, ran = compiled.run_state, None, jnp.zeros((), bool), 0
     with _Preemption() as preempt:
-        try:
-            if step == phase.start and resumed_from is None:
-                record_eval(step)
-            while step < phase.end:
-                run_state, m = do_step(run_state, step)
-                bad = bad | ~jnp.isfinite(m["loss"] if mode != "pmap" else m["loss"][0])
-                step += 1
-                ran += 1
-                if pending is not None:
-                    flush(pending)
-                    pending = None
-                if step % c.train.log_every == 0 or step == phase.end:
-                    pending = (step, m if mode != "pmap" else parallel.unreplicate(m))
-                if step % c.train.eval_every == 0 or step == phase.end:
-                    check_loss(step)
-                    v = record_eval(step)
-                    _say(f"{tag}step {step}: val_loss {v:.4f} (val bpb {v / math.log(2.0):.3f})")
-                if step % c.train.checkpoint_every == 0 or step == phase.end or preempt.requested:
-                    check_loss(step)
-                    save(run_state, step)
-                    if preempt.requested:
-                        ckpt.wait()
-                        raise Preempted(f"{tag}SIGTERM: saved step {step}; rerun to resume")
-                if stop_after is not None and ran >= stop_after:
-                    break
+        if step == phase.start and not rec.history:
+            rec.evaluate(step, run_state)
+        while step < phase.end and not (phase.stop_when is not None and rec.history and phase.stop_when(rec.history)):
+            run_state, m = compiled.step(run_state, step)
+            bad = bad | ~jnp.isfinite(m["loss"])
+            step += 1
+            ran += 1
             if pending is not None:
-                flush(pending)
-        finally:
-            ckpt.wait()
-            ckpt.close()
-            writer.close()
-    return PhaseResult(state=current(run_state), history=history, flops_per_step=flops_per_step,
+                rec.log(*pending)
+                pending = None
+            if itstime(step, c.log_every, last=phase.end):
+                pending = (step, m)
+            if itstime(step, c.eval_every, last=phase.end):
+                rec.check_loss(step, bad)
+                v = rec.evaluate(step, run_state)
+                say(f"{rec.tag}step {step}: val_loss {v:.4f} (val bpb {v / math.log(2.0):.3f})")
+            preempted = preempt.reached(step)
+            if itstime(step, c.checkpoint_every, last=phase.end) or preempted or rec.stop_requested(step):
+                rec.check_loss(step, bad)
+                rec.save(step, run_state)
+                if preempted:
+                    rec.ckpt.wait()
+                    raise Preempted(f"{rec.tag}SIGTERM: saved step {step}; rerun to resume")
+            if stop_after is not None and ran >= stop_after:
+                break
+        if pending is not None:
+            rec.log(*pending)
+    return run_state
+
+
+def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | None = None) -> PhaseResult:
+    """Train ``phase`` (resuming from its latest good checkpoint), logging, evaluating and checkpointing:
+    :func:`check_resume`, :func:`restore_or_init`, :func:`compile_steps`, :func:`train_loop`.
+
+    ``stop_after``: stop (without a final checkpoint) once this many steps ran in this call, as a killed
+    run would (used by the resume tests).
+    """
+    check_resume(config, phase.workdir)
+    os.makedirs(phase.workdir, exist_ok=True)
+    writer = metrics_lib.MetricWriter(phase.workdir, is_primary=_is_primary())
+    ckpt = ckpt_lib.Checkpointer(os.path.join(phase.workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+    try:
+        state, shardings, resumed_from = restore_or_init(phase, ckpt, mesh, int(config.seed))
+        step = int(jax.device_get(state.step))
+        compiled = compile_steps(phase, config, corpus, mesh, state, shardings)
+        history = _previous_history(phase.workdir, step) if resumed_from is not None else []
+        store_config(config, phase.workdir)
+        rec = _Recorder(phase, config, compiled, writer, ckpt, history)
+        run_state = train_loop(phase, config, compiled, rec, step, stop_after=stop_after)
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        writer.close()
+    return PhaseResult(state=compiled.current(run_state), history=history, flops_per_step=compiled.flops_per_step,
                        resumed_from=resumed_from)
 
 
@@ -441,7 +578,7 @@ def build_mesh(config):
 
 def prepare(config):
     """Validate the config against the devices it will run on: returns (model TransformerConfig, mesh).
-    Raises ValueError naming the field before any data is read or anything compiles."""
+    Raises ConfigError (a ValueError) naming the field before any data is read or anything compiles."""
     mesh = build_mesh(config)
     devices = mesh.size if config.parallel.mode == "sharded" else jax.local_device_count() * jax.process_count()
     return config_lib.validate(config, num_devices=devices), mesh
@@ -451,10 +588,11 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> PhaseResult
     """Train one model as ``config`` says (the ``lm`` experiment). Validates everything first."""
     model_cfg, mesh = prepare(config)
     corpus = load_corpus(config.data)
+    check_resume(config, workdir)
     tx = make_optimizer(config.optim, config.train.steps)
     model = Transformer(model_cfg)
-    _say(f"model: {model_cfg.to_dict()}")
-    _say(f"devices: {parallel.describe(mesh)}; corpus: {len(corpus.train):,} train / {len(corpus.val):,} val bytes")
+    say(f"model: {model_cfg.to_dict()}")
+    say(f"devices: {parallel.describe(mesh)}; corpus: {len(corpus.train):,} train / {len(corpus.val):,} val bytes")
     phase = Phase(model_cfg=model_cfg, tx=tx, start=0, end=config.train.steps, workdir=workdir,
                   init=lambda key: init_state(model, tx, key, config.data.seq_len),
                   schedule=make_schedule(config.optim, config.train.steps))
@@ -462,5 +600,5 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> PhaseResult
     if _is_primary() and config.train.plot:
         out = os.path.join(workdir, "loss.png")
         if metrics_lib.plot_curves(workdir, out):
-            _say(f"wrote {out}")
+            say(f"wrote {out}")
     return result

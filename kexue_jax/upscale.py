@@ -35,10 +35,22 @@ RoPE with ``grow="head_dim"`` repeats pairs, (x1,x2,x3,x4) -> (x1,x2,x1,x2,x3,x4
 pair i then rotates at theta_i * base^{-2r/(k d)}, so the logits drift with relative distance
 (``rope_widening_error``). ``grow="num_heads"`` keeps RoPE exact.
 
-Symmetry breaking (``noise``): a kernel whose input axis was repeated reads k identical copies of each
-input, so adding perturbations N_1..N_k with sum_r N_r = 0 to the copies' rows leaves every output exactly
-unchanged, while the backward pass through the perturbed rows now sends different gradients to the copies
-of the previous layer's units. Without noise, copies get identical gradients and stay identical forever.
+Symmetry breaking (``noise_db``, ``symmetry``): a kernel whose input axis was repeated reads k identical
+copies of each input, so adding perturbations N_1..N_k with sum_r N_r = 0 to the copies' rows leaves every
+output exactly unchanged, while the backward pass through the perturbed rows now sends different gradients
+to the copies of the previous layer's units. Without noise, copies get identical gradients and stay
+identical forever. The strength is a signal-to-noise ratio in dB, as HyperCloning states it:
+
+    std(N) = 10^(noise_db / 20) * RMS(W~)          (noise_db = -10: std = 0.316 RMS; 0 dB: std = RMS)
+
+Two exact constructions (``SYMMETRY_METHODS``), with z_1..z_k iid N(0, 1) per entry and
+z^_r = (z_r - mean_r z) sqrt(k / (k - 1)) (zero-sum over the copies, unit variance):
+  "zero_sum"  additive, W~_r <- W~_r + sigma RMS(W~) z^_r  (HyperCloning's +N / -N blocks, any k);
+  "fan_out"   multiplicative, W~_r <- W~_r (1 + sigma z^_r): LEMON's unequal split of a copied fan-out
+              (alpha_r = (1 + sigma z^_r) / k, sum_r alpha_r = 1), zero where the weight is zero.
+A kernel with several grown input axes gets sigma / sqrt(#axes) per axis. Under a bfloat16/float16 compute
+dtype a perturbation below the dtype's resolution (sigma < 2^-8 for bfloat16, i.e. noise_db < -48 dB)
+would round away, so ``widen`` refuses it.
 """
 from __future__ import annotations
 
@@ -57,6 +69,9 @@ from kexue_jax.nn.attention import qk_init_variance_factor
 from kexue_jax.nn.transformer import HOMOGENEOUS_ACTIVATIONS, Transformer, TransformerConfig
 
 GROW_MODES = ("head_dim", "num_heads")
+SYMMETRY_METHODS = ("zero_sum", "fan_out")
+#: unit roundoff of the low-precision compute dtypes: a relative perturbation below it rounds away.
+_UNIT_ROUNDOFF = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 Path = tuple[str, ...]
 
 
@@ -115,6 +130,10 @@ def widen_config(cfg: TransformerConfig, factor: int, *, grow: str = "head_dim",
     for norms whose input is scaled by 1/sqrt(k); the MLM-head norm (input a pure repeat) keeps its eps."""
     k = _check_factor(factor)
     _check_grow(grow)
+    if cfg.residual in ("rezero", "deepnorm"):
+        raise ValueError(f"widen: residual={cfg.residual!r} has no widening rule yet (ReZero's trainable scalar "
+                         f"and DeepNorm's init gains are not mapped); use residual 'post', 'pre', 'alpha' or "
+                         f"'alpha_post'")
     head_eps = cfg.norm_eps if cfg.head_norm_eps is None else cfg.head_norm_eps
     if _ffn_rule(cfg, rules) == "plain":
         head_eps = head_eps / k
@@ -122,7 +141,7 @@ def widen_config(cfg: TransformerConfig, factor: int, *, grow: str = "head_dim",
         d_model=cfg.d_model * k, d_ff=cfg.d_ff * k, norm_eps=cfg.norm_eps / k,
         head_norm_eps=head_eps if cfg.head == "mlm" else cfg.head_norm_eps,
         num_heads=cfg.num_heads * (k if grow == "num_heads" else 1),
-        head_dim=cfg.head_dim * (k if grow == "head_dim" else 1))
+        head_dim=cfg.head_dim * (k if grow == "head_dim" else 1), **_mixer_config_changes(cfg, k))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,11 +161,79 @@ def _qk_alpha(cfg: TransformerConfig, k: int, grow: str, rules: WidenRules) -> f
         return 1.0
     if not rules.qk_compensation:
         return 1.0 / math.sqrt(k)
-    return {"sqrt": k ** -0.25, "t5": 1.0 / math.sqrt(k), "mup": 1.0}[cfg.attn_scale]
+    return {"sqrt": k ** -0.25, "t5": 1.0 / math.sqrt(k), "none": 1.0 / math.sqrt(k), "mup": 1.0}[cfg.attn_scale]
+
+
+def _mixer_config_changes(cfg: TransformerConfig, k: int) -> dict:
+    """Config fields a widened non-attention mixer keeps fixed (kexue.fm/archives/8431): the gMLP gate norm
+    sees a pure repeat, so its eps stays the small model's; FNet's hidden DFT keeps the small width."""
+    if cfg.token_mixer in ("gmlp", "amlp"):
+        return {"mixer_norm_eps": cfg.norm_eps if cfg.mixer_norm_eps is None else cfg.mixer_norm_eps}
+    if cfg.token_mixer == "fnet":
+        return {"mixer_copies": cfg.mixer_copies * k}
+    return {}
+
+
+def _mixer_rule(path: Path, k: int) -> _Rule | None:
+    """Widening rules of the non-attention token mixers (``kexue_jax.nn.mixers``, kexue.fm/archives/8431).
+
+    The mixer's input is s rep(x) and its output must be s rep(y) (s = 1/sqrt(k)). Token-axis (n x n)
+    matrices act on every channel alike, so they are never repeated; only their scale and biases change:
+
+        Synthesizer logits [H, n, n], ResMLP A, gMLP W and b, conv kernels [H, K]   unchanged (heads repeated
+                                                                                   under grow="num_heads")
+        Mixer W_1 (reads s rep x, GELU needs x)  sqrt(k);  b_1 unchanged;  W_2, b_2  s
+        ResMLP Aff alpha unchanged, beta s;  A's per-token bias s (it adds one scalar to every channel)
+        gMLP U [D, 2F]  s (gelu(X U) a pure repeat; interleaved repetition of the 2F axis is the repetition of
+                        each half, so the [Z_1 | Z_2] split survives; a tiled [x, x] copy would not);
+                        gate norm unchanged with the small eps (``mixer_norm_eps``);  V  s / k, bias s
+        aMLP tiny attention (size fixed)  q, k, v kernels s (input rows repeated);  out [1, da, F] repeated
+        External M_k [D, S]  s (logits unchanged);  M_v [S, D]  s
+        conv GLU: value kernel 1/k, bias s; gate kernel s, bias 1; dynamic kernel s; output 1/k, bias s
+        Synthesizer-Dense W_1 s (bias 1, hidden a pure repeat); W_2 [D, H, n] 1/k; value / out as attention
+        FNet  no parameters; the config's ``mixer_copies`` x k keeps the small hidden DFT (see fnet_mix)
+    """
+    s = 1.0 / math.sqrt(k)
+    name, parent = path[-1], path[-2]
+    direct = {  # parameters of layer_i/mixer itself: (axes, factor, in_axes)
+        "logits": (("heads", "fixed", "fixed"), 1.0, 0), "conv_kernel": (("heads", "fixed"), 1.0, 0),
+        "token_in": (("fixed", "fixed"), math.sqrt(k), 0), "token_in_bias": (("fixed",), 1.0, 0),
+        "token_out": (("fixed", "fixed"), s, 0), "token_out_bias": (("fixed",), s, 0),
+        "aff_in_alpha": (("model",), 1.0, 0), "aff_in_beta": (("model",), s, 0),
+        "aff_out_alpha": (("model",), 1.0, 0), "aff_out_beta": (("model",), s, 0),
+        "token": (("fixed", "fixed"), 1.0, 0), "token_bias": (("fixed",), s, 0),
+        "spatial": (("fixed", "fixed"), 1.0, 0), "spatial_bias": (("fixed",), 1.0, 0),
+        "memory_key": (("model", "fixed"), s, 1), "memory_value": (("fixed", "model"), s, 1),
+    }
+    if parent == "mixer" and name in direct:
+        return _Rule(*direct[name])
+    if parent == "sgu_norm":
+        return _Rule(("ff",), 1.0)
+    tiny_qkv = (("model", "fixed", "fixed"), s, 1, ("fixed", "fixed"), 1.0)
+    dense = {  # kernel axes, kernel factor, kernel input axes, bias axes, bias factor
+        "dense_hidden": (("model", "model"), s, 1, ("model",), 1.0),
+        "dense_logits": (("model", "heads", "fixed"), 1.0 / k, 1, ("heads", "fixed"), 1.0),
+        "proj_in": (("model", "ff"), s, 1, ("ff",), 1.0),
+        "proj_out": (("ff", "model"), s / k, 1, ("model",), s),
+        "tiny_query": tiny_qkv, "tiny_key": tiny_qkv, "tiny_value": tiny_qkv,
+        "tiny_out": (("fixed", "fixed", "ff"), 1.0, 2, ("ff",), 1.0),
+        "glu_in": (("model", "model"), 1.0 / k, 1, ("model",), s),
+        "glu_gate": (("model", "model"), s, 1, ("model",), 1.0),
+        "dynamic": (("model", "heads", "fixed"), s, 1, ("heads", "fixed"), 1.0),
+        "conv_out": (("model", "model"), 1.0 / k, 1, ("model",), s),
+    }
+    if parent in dense:
+        k_axes, k_factor, in_axes, b_axes, b_factor = dense[parent]
+        return _Rule(k_axes, k_factor, in_axes) if name == "kernel" else _Rule(b_axes, b_factor)
+    return None  # value / out: the attention rules
 
 
 def _rule(path: Path, cfg: TransformerConfig, k: int, grow: str, rules: WidenRules) -> _Rule:
     s = 1.0 / math.sqrt(k)
+    if "mixer" in path[:-1]:
+        mixer_rule = _mixer_rule(path, k)
+        if mixer_rule is not None:
+            return mixer_rule
     two_step = _ffn_rule(cfg, rules) == "two_step"
     name, parent = path[-1], (path[-2] if len(path) > 1 else "")
     if parent == "embed":
@@ -224,15 +311,73 @@ def _repeat(x, axes: tuple[str, ...], cfg: TransformerConfig, k: int, grow: str,
     return x
 
 
+def noise_std(noise_db: float | None) -> float:
+    """Relative noise std sigma = 10^(noise_db / 20) (0 for None): noise_db = -10 -> 0.316, 0 -> 1."""
+    return 0.0 if noise_db is None else 10.0 ** (float(noise_db) / 20.0)
+
+
+def _check_symmetry(cfg: TransformerConfig, noise_db, symmetry: str, key, rules: WidenRules) -> None:
+    """Clear errors for the symmetry-breaking arguments (before anything is computed)."""
+    if symmetry not in SYMMETRY_METHODS:
+        raise ValueError(f"symmetry must be one of {SYMMETRY_METHODS}, got {symmetry!r}")
+    if noise_db is None:
+        return
+    if isinstance(noise_db, bool) or not isinstance(noise_db, (int, float)) or not math.isfinite(noise_db):
+        raise ValueError(f"noise_db must be None (no noise) or a finite number of dB, got {noise_db!r}")
+    if key is None:
+        raise ValueError("noise_db needs a PRNG key: widen(..., noise_db=-10, key=jax.random.PRNGKey(0))")
+    if rules.repetition != "interleave":
+        raise ValueError("noise_db needs WidenRules.repetition='interleave'")
+    roundoff = _UNIT_ROUNDOFF.get(cfg.dtype)
+    if roundoff is not None and noise_std(noise_db) < roundoff:
+        raise ValueError(f"noise_db={noise_db} is below the resolution of the compute dtype {cfg.dtype} "
+                         f"({20 * math.log10(roundoff):.1f} dB): the perturbation would round away and the "
+                         f"copies would stay identical; use noise_db >= {math.ceil(20 * math.log10(roundoff))}")
+
+
 def _zero_sum_noise(key, shape, axis: int, k: int, pairwise: bool, dtype):
-    """Gaussian noise whose k copies along ``axis`` (interleaved layout) sum to zero: copies 1..k-1 are
-    drawn, the last is minus their sum (computed in ``dtype``, so exactly -z for k = 2 in any dtype)."""
+    """Unit-variance Gaussian noise whose k copies along ``axis`` (interleaved layout) sum to zero:
+    z^_r = (z_r - mean_r z) sqrt(k / (k - 1)) (for k = 2 exactly +/- the same value in any dtype)."""
     n = shape[axis] // k
     split = (n // 2, k, 2) if pairwise else (n, k)
     full = shape[:axis] + split + shape[axis + 1:]
-    drawn = jax.random.normal(key, full[:axis + 1] + (k - 1,) + full[axis + 2:], jnp.float32).astype(dtype)
-    last = -jnp.sum(drawn, axis=axis + 1, keepdims=True)
-    return jnp.concatenate([drawn, last], axis=axis + 1).reshape(shape)
+    z = jax.random.normal(key, full, jnp.float32).astype(dtype)  # centred in ``dtype``: sums to 0 to its rounding
+    z = (z - jnp.mean(z, axis=axis + 1, keepdims=True)) * jnp.asarray(math.sqrt(k / (k - 1)), dtype)
+    return z.reshape(shape)
+
+
+def _break_symmetry(big, grown_axes, noise_db: float, symmetry: str, key, k: int, pairwise):
+    """Add the function-preserving perturbation of ``symmetry`` to one widened kernel (see module doc)."""
+    sigma = noise_std(noise_db) / math.sqrt(len(grown_axes))
+    rms = jnp.sqrt(jnp.mean(jnp.square(big.astype(jnp.float32)))).astype(big.dtype)
+    for ax in grown_axes:
+        z = _zero_sum_noise(jax.random.fold_in(key, ax), big.shape, ax, k, pairwise(ax), big.dtype)
+        big = big + sigma * rms * z if symmetry == "zero_sum" else big * (1 + sigma * z)
+    return big
+
+
+def copy_similarity(big_params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim") -> jax.Array:
+    """How alike the k copies still are: the mean, over kernels with a grown input axis, of the cosine
+    between each copy's rows and the copies' mean along that axis (1 = identical copies, as right after
+    a noise-free ``widen``). ``cfg`` is the small model's config. Used to log how fast training drifts
+    the copies apart."""
+    k = _check_factor(factor)
+    big_cfg = widen_config(cfg, k, grow=grow)
+    vals = []
+    for path, x in jax.tree_util.tree_leaves_with_path(big_params):
+        rule = _rule(_path_names(path), cfg, k, grow, WidenRules())
+        for ax, kind in enumerate(rule.axes[:rule.in_axes]):
+            if _growth(kind, k, grow) == 1:
+                continue
+            pairwise = _pairwise(big_cfg, kind, grow)
+            n = x.shape[ax] // k
+            split = (n // 2, k, 2) if pairwise else (n, k)
+            xr = jnp.moveaxis(x.astype(jnp.float32).reshape(x.shape[:ax] + split + x.shape[ax + 1:]), ax + 1, 0)
+            xr = xr.reshape(k, -1)
+            mean = jnp.mean(xr, axis=0)
+            cos = xr @ mean / (jnp.linalg.norm(xr, axis=1) * jnp.linalg.norm(mean) + 1e-30)
+            vals.append(jnp.mean(cos))
+    return jnp.mean(jnp.stack(vals)) if vals else jnp.asarray(1.0)
 
 
 def _path_names(path) -> Path:
@@ -261,66 +406,67 @@ def _map_leaves(fn: Callable, params, cfg: TransformerConfig, k: int, grow: str,
         lambda p, x: fn(_path_names(p), x, _rule(_path_names(p), cfg, k, grow, rules)), params)
 
 
-def widen_params(params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim", noise: float = 0.0,
-                 key=None, rules: WidenRules = WidenRules()):
+def widen_params(params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim",
+                 noise_db: float | None = None, symmetry: str = "zero_sum", key=None,
+                 rules: WidenRules = WidenRules()):
     """The widened parameter tree (jittable; see ``widen``)."""
     k = _check_factor(factor)
     _check_grow(grow)
-    if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
-    if noise > 0 and key is None:
-        raise ValueError("noise > 0 needs a PRNG key: widen(..., noise=..., key=jax.random.PRNGKey(0))")
-    if noise > 0 and rules.repetition != "interleave":
-        raise ValueError("noise needs WidenRules.repetition='interleave'")
+    _check_symmetry(cfg, noise_db, symmetry, key, rules)
     _check_tree(params, cfg)
     big_cfg = widen_config(cfg, k, grow=grow, rules=rules)
     leaves = jax.tree_util.tree_leaves(params)
-    keys = iter(jax.random.split(key, len(leaves)) if noise > 0 else [None] * len(leaves))
+    keys = iter(jax.random.split(key, len(leaves)) if noise_db is not None else [None] * len(leaves))
 
     def one(path, x, rule):
         eff = x * jnp.asarray(_multiplier(cfg, x.shape, rule), x.dtype)
         big = _repeat(eff, rule.axes, cfg, k, grow, rules.repetition) * jnp.asarray(rule.factor, x.dtype)
         big = big / jnp.asarray(_multiplier(big_cfg, big.shape, rule), x.dtype)
         sub = next(keys)
-        if noise > 0 and rule.in_axes:
-            grown = [i for i, kind in enumerate(rule.axes[:rule.in_axes]) if _growth(kind, k, grow) > 1]
-            rms = jnp.sqrt(jnp.mean(jnp.square(big.astype(jnp.float32)))).astype(x.dtype)
-            for ax in grown:
-                big = big + noise * rms * _zero_sum_noise(
-                    jax.random.fold_in(sub, ax), big.shape, ax, k, _pairwise(cfg, rule.axes[ax], grow), x.dtype)
+        grown = [i for i, kind in enumerate(rule.axes[:rule.in_axes]) if _growth(kind, k, grow) > 1]
+        if noise_db is not None and grown:
+            big = _break_symmetry(big, grown, noise_db, symmetry, sub, k,
+                                  lambda ax: _pairwise(cfg, rule.axes[ax], grow))
         return big
 
     return _map_leaves(one, params, cfg, k, grow, rules)
 
 
-def widen(params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim", noise: float = 0.0,
-          key=None, rules: WidenRules = WidenRules()):
+def widen(params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim", noise_db: float | None = None,
+          symmetry: str = "zero_sum", key=None, rules: WidenRules = WidenRules()):
     """Widen a Transformer k-fold so it computes the same function (kexue.fm/archives/8444).
 
     Returns (big_params, big_cfg). ``grow`` picks what grows in attention: "head_dim" (the post) or
-    "num_heads" (heads x k, head_dim fixed). ``noise`` > 0 adds function-preserving zero-sum
-    perturbations (relative to each kernel's RMS) that break the symmetry of the copies; it needs ``key``.
+    "num_heads" (heads x k, head_dim fixed). ``noise_db`` (None: no noise) adds a function-preserving
+    perturbation with std 10^(noise_db/20) x each kernel's RMS that breaks the symmetry of the copies, built
+    by ``symmetry`` ("zero_sum" or "fan_out", see the module docstring); it needs ``key``.
     Pure and jittable in ``params``: run ``widen_params`` under ``jax.jit(..., out_shardings=...)`` to grow
     a sharded model in place (``widen_sharded``).
     """
     big_cfg = widen_config(cfg, factor, grow=grow, rules=rules)  # validates factor and grow first
+    _check_symmetry(cfg, noise_db, symmetry, key, rules)
     _check_tree(params, cfg)
-    return _jitted_widen(cfg, int(factor), grow, float(noise), rules)(params, key), big_cfg
+    noise_db = None if noise_db is None else float(noise_db)
+    return _jitted_widen(cfg, int(factor), grow, noise_db, symmetry, rules)(params, key), big_cfg
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_widen(cfg: TransformerConfig, factor: int, grow: str, noise: float, rules: WidenRules):
-    return jax.jit(lambda p, key: widen_params(p, cfg, factor, grow=grow, noise=noise, key=key, rules=rules))
+def _jitted_widen(cfg: TransformerConfig, factor: int, grow: str, noise_db, symmetry: str, rules: WidenRules):
+    return jax.jit(lambda p, key: widen_params(p, cfg, factor, grow=grow, noise_db=noise_db, symmetry=symmetry,
+                                               key=key, rules=rules))
 
 
 def widen_sharded(params, cfg: TransformerConfig, factor: int, out_shardings, *, grow: str = "head_dim",
-                  noise: float = 0.0, key=None, rules: WidenRules = WidenRules()):
+                  noise_db: float | None = None, symmetry: str = "zero_sum", key=None,
+                  rules: WidenRules = WidenRules()):
     """``widen`` compiled with ``out_shardings`` (a pytree of shardings for the big tree, or a function
-    big_cfg -> that pytree): each device computes only its shard of the big parameters."""
+    big_cfg -> that pytree): each device computes only its shard of the big parameters, so a model
+    sharded over several hosts grows without ever being gathered."""
     big_cfg = widen_config(cfg, factor, grow=grow, rules=rules)
+    _check_symmetry(cfg, noise_db, symmetry, key, rules)
     shardings = out_shardings(big_cfg) if callable(out_shardings) else out_shardings
-    fn = jax.jit(lambda p, kk: widen_params(p, cfg, factor, grow=grow, noise=noise, key=kk, rules=rules),
-                 out_shardings=shardings)
+    fn = jax.jit(lambda p, kk: widen_params(p, cfg, factor, grow=grow, noise_db=noise_db, symmetry=symmetry,
+                                            key=kk, rules=rules), out_shardings=shardings)
     return fn(params, key), big_cfg
 
 
@@ -346,6 +492,30 @@ def update_scales(params, cfg: TransformerConfig, factor: int, *, grow: str = "h
                            x.dtype)
 
     return _map_leaves(one, params, cfg, k, grow, rules)
+
+
+LR_TENSORS = ("all", "matrices", "hidden")
+_HIDDEN_KERNELS = ("query", "key", "value", "out", "wi", "wi_gate", "wo", "mlm_dense")
+
+
+def lr_multipliers(params, multiplier: float, *, tensors: str = "all"):
+    """A per-tensor learning-rate multiplier tree for the widened model (``make_optimizer(lr_scales=)``).
+
+    ``tensors`` picks where ``multiplier`` applies (1 elsewhere): "all"; "matrices" (every tensor with
+    ndim >= 2: kernels and embedding tables); "hidden" (the width x width kernels of attention, the FFN and
+    the MLM-head dense: the tensors whose input copies carry the symmetry, muP's "hidden" weights)."""
+    if tensors not in LR_TENSORS:
+        raise ValueError(f"tensors must be one of {LR_TENSORS}, got {tensors!r}")
+    if not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool) or not multiplier > 0:
+        raise ValueError(f"multiplier must be a number > 0, got {multiplier!r}")
+
+    def one(path, x):
+        names = _path_names(path)
+        pick = {"all": True, "matrices": jnp.ndim(x) >= 2,
+                "hidden": names[-1] == "kernel" and len(names) > 1 and names[-2] in _HIDDEN_KERNELS}[tensors]
+        return jnp.asarray(multiplier if pick else 1.0, jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(one, params)
 
 
 def scale_updates(scales) -> optax.GradientTransformation:
@@ -376,13 +546,20 @@ def widen_optimizer_state(opt_state, params, cfg: TransformerConfig, factor: int
     _check_tree(params, cfg)
     scales = update_scales(params, cfg, k, grow=grow, rules=rules)
     rules_tree = jax.tree_util.tree_map_with_path(lambda p, x: _rule(_path_names(p), cfg, k, grow, rules), params)
-    param_struct = jax.tree_util.tree_structure(params)
 
     def moment(tree, power):
         return jax.tree_util.tree_map(
             lambda x, c, rule: _repeat(x, rule.axes, cfg, k, grow, rules.repetition)
             / (c * _copies(rule, k, grow)) ** power,
             tree, scales, rules_tree, is_leaf=lambda r: isinstance(r, _Rule))
+
+    return _map_adam_moments(opt_state, params, moment, "widen_optimizer_state")
+
+
+def _map_adam_moments(opt_state, params, moment: Callable, who: str):
+    """Replace mu and nu of every Adam state node by moment(mu, 1) and moment(nu, 2); refuse any other
+    params-shaped optimizer state (it would silently keep the small model's shapes)."""
+    param_struct = jax.tree_util.tree_structure(params)
 
     def params_shaped(x):
         return not isinstance(x, (jax.Array, np.ndarray)) and jax.tree_util.tree_structure(x) == param_struct
@@ -394,7 +571,7 @@ def widen_optimizer_state(opt_state, params, cfg: TransformerConfig, factor: int
         if isinstance(node, optax.ScaleByAdamState):
             return node._replace(mu=moment(node.mu, 1), nu=moment(node.nu, 2))
         if holds_params(node) or params_shaped(node):
-            raise ValueError(f"widen_optimizer_state: unsupported params-shaped optimizer state "
+            raise ValueError(f"{who}: unsupported params-shaped optimizer state "
                              f"{type(node).__name__}; supported: optax Adam/AdamW (ScaleByAdamState)")
         return node
 
@@ -513,6 +690,9 @@ def deepen(params, cfg: TransformerConfig, insert_after: Sequence[int]):
     x + F(Norm x) (Pre-Norm) or x + alpha F(x) (alpha residual) is the identity. Post-Norm blocks
     Norm(x + F(x)) are Norm(x), not the identity, so ``residual`` "post" and "alpha_post" raise.
     """
+    if cfg.residual in ("rezero", "deepnorm"):
+        raise ValueError(f"deepen: residual={cfg.residual!r} is not supported (DeepNorm's constants depend on "
+                         f"the depth N, and ReZero's scalars are not mapped); use residual 'pre' or 'alpha'")
     if cfg.residual in ("post", "alpha_post"):
         raise ValueError(f"deepen: residual={cfg.residual!r} cannot host an identity layer: the block is "
                          f"Norm(x + F(x)), which is Norm(x) != x even when F = 0; use residual 'pre' or 'alpha'")
@@ -546,3 +726,19 @@ def deepen(params, cfg: TransformerConfig, insert_after: Sequence[int]):
     new_params.update({f"layer_{i}": layer for i, layer in enumerate(layers)})
     new_cfg = cfg.replace(num_layers=len(layers), layer_masks=tuple(new_kinds) if cfg.layer_masks else ())
     return new_params, new_cfg
+
+
+def deepen_optimizer_state(opt_state, params, cfg: TransformerConfig, insert_after: Sequence[int]):
+    """Map Adam/AdamW state to the model ``deepen(params, cfg, insert_after)`` builds: each new layer's
+    moments are its neighbour's, with zeros for the zeroed residual outputs (as MSG keeps and copies the
+    optimizer state when it grows); the step count is kept."""
+    return _map_adam_moments(opt_state, params, lambda tree, power: deepen(tree, cfg, insert_after)[0],
+                             "deepen_optimizer_state")
+
+
+def depth_insertions(num_layers: int, depth_factor: int) -> list[int]:
+    """``insert_after`` for growing depth by an integer factor: depth_factor - 1 identity layers after
+    every existing layer (L -> depth_factor x L, each copy next to its source, G_stack's interleaving)."""
+    if isinstance(depth_factor, bool) or not isinstance(depth_factor, int) or depth_factor < 1:
+        raise ValueError(f"depth_factor must be an integer >= 1, got {depth_factor!r}")
+    return [i for i in range(num_layers) for _ in range(depth_factor - 1)]

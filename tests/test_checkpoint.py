@@ -1,4 +1,5 @@
-"""Tests for kexue_jax.checkpoint: bitwise round trips (sharded too), retention, no clobbering, fallback."""
+"""Tests for kexue_jax.checkpoint: bitwise round trips (sharded too), retention, no clobbering, fallback
+with quarantine, mismatched checkpoints left alone, agreement between processes."""
 import logging
 import os
 import shutil
@@ -12,7 +13,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kexue_jax.checkpoint import Checkpointer, abstract_like
+from kexue_jax.checkpoint import CheckpointMismatch, Checkpointer, abstract_like
 
 
 def make_state(seed: int):
@@ -131,8 +132,14 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog, damage):
     assert step == 2
     assert_bitwise_equal(restored, states[2])
     assert "checkpoint step 3" in caplog.text and "could not be restored" in caplog.text
-    # nothing deleted; the run resumed from 2 may save step 3's successors below the unreadable step
-    assert ckpt.all_steps() == [1, 2, 3]
+    # the unreadable step is moved aside (kept for inspection), so the resumed run can write it again
+    assert ckpt.all_steps() == [1, 2]
+    assert (tmp_path / "corrupt" / "3" / "default").is_dir()
+    assert ckpt.save(3, states[3])
+    ckpt.wait()
+    restored, step = Checkpointer(tmp_path).restore(make_state(0))
+    assert step == 3
+    assert_bitwise_equal(restored, states[3])  # readable afterwards, not only written
     ckpt.close()
 
 
@@ -146,9 +153,28 @@ def test_resumed_run_can_save_below_an_unreadable_step(tmp_path):
         f.unlink()
     restored, step = ckpt.restore({"x": jnp.zeros(4)})
     assert step == 2
-    assert ckpt.save(3, {"x": jnp.full((4,), 3.0)})  # allowed without force: 5 is unreadable
+    assert ckpt.save(3, {"x": jnp.full((4,), 3.0)})  # allowed without force: 5 was moved to corrupt/
     restored, step = ckpt.restore({"x": jnp.zeros(4)})
     assert step == 3 and restored["x"].tolist() == [3.0] * 4
+    # a second corruption of the same step number keeps both copies
+    for f in data_files(tmp_path / "3"):
+        f.unlink()
+    assert ckpt.restore({"x": jnp.zeros(4)})[1] == 2
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == ["3", "5"]
+    ckpt.close()
+
+
+def test_a_checkpoint_of_another_shape_is_refused_not_moved(tmp_path, caplog):
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, {"w": jnp.ones((4, 8))})
+    ckpt.save(2, {"w": jnp.ones((4, 8))})
+    ckpt.wait()
+    with caplog.at_level(logging.WARNING, logger="kexue_jax.checkpoint"):
+        with pytest.raises(CheckpointMismatch, match=r"step 2 .* does not fit .*\(\(4, 8\), 'float32'\).*"
+                                                      r"\(\(4, 16\), 'float32'\)"):
+            ckpt.restore({"w": jnp.zeros((4, 16))})
+    assert "could not be restored" not in caplog.text
+    assert ckpt.all_steps() == [1, 2] and not (tmp_path / "corrupt").exists()
     ckpt.close()
 
 
@@ -164,7 +190,7 @@ def test_orbax_tmp_dir_is_ignored_and_all_corrupt_raises(tmp_path):
     assert step == 1 and restored["x"].tolist() == [0.0, 1.0, 2.0]
     for f in data_files(tmp_path / "1"):
         os.truncate(f, 10)
-    with pytest.raises(ValueError, match=r"no checkpoint .* could be restored .*tried steps \[1\]"):
+    with pytest.raises(ValueError, match=r"no checkpoint .* could be restored .*tried steps \[1\], now under corrupt/"):
         ckpt2.restore({"x": jnp.zeros(3)})
     ckpt.close()
     ckpt2.close()
@@ -216,10 +242,9 @@ print("OK", process_id)
 '''
 
 
-@pytest.mark.slow
-def test_two_process_rehearsal_batches_and_checkpoint(tmp_path):
-    """2 processes x 4 CPU devices over 127.0.0.1 (the multi-host rehearsal of DESIGN.md): each process
-    builds its rows, to_global assembles the global batch, and all processes save/restore it."""
+def run_two_processes(tmp_path, worker: str, timeout: float = 240) -> list[str]:
+    """Run ``worker`` as processes 0 and 1 of a jax.distributed job over 127.0.0.1 (CPU); their outputs,
+    after asserting both exited with status 0."""
     import socket
     import subprocess
     import sys
@@ -228,20 +253,68 @@ def test_two_process_rehearsal_batches_and_checkpoint(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     script = tmp_path / "worker.py"
-    script.write_text(TWO_PROCESS_WORKER)
+    script.write_text(worker)
     repo = Path(__file__).resolve().parents[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)}
     env.pop("XLA_FLAGS", None)
     procs = [subprocess.Popen([sys.executable, str(script), str(i), port, str(tmp_path / "ckpt")],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
+    try:
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for q in procs:
+            if q.poll() is None:
                 q.kill()
-            raise
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+@pytest.mark.slow
+def test_two_process_rehearsal_batches_and_checkpoint(tmp_path):
+    """2 processes x 4 CPU devices over 127.0.0.1 (a multi-host rehearsal): each process builds its rows,
+    to_global assembles the global batch, and all processes save/restore it."""
+    for i, out in enumerate(run_two_processes(tmp_path, TWO_PROCESS_WORKER, timeout=180)):
+        assert f"OK {i}" in out, out[-3000:]
+
+
+DISAGREE_WORKER = r'''
+import sys
+process_id, port, ckpt_dir = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                           process_id=process_id)
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from kexue_jax.checkpoint import Checkpointer
+
+sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
+def state(v):
+    return {"w": jax.device_put(jnp.full((8, 3), float(v)), sharding)}
+ckpt = Checkpointer(ckpt_dir)
+for s in (1, 2, 3):
+    assert ckpt.save(s, state(s))
+ckpt.wait()
+real = ckpt._restore_step
+def flaky(target, step):  # step 3 is unreadable on process 1 only (e.g. a stale cache on that host)
+    if process_id == 1 and step == 3:
+        raise OSError("simulated: step 3 unreadable on this host")
+    return real(target, step)
+ckpt._restore_step = flaky
+restored, step = ckpt.restore(state(0))
+local = np.asarray(restored["w"].addressable_shards[0].data)
+print(f"RESTORED {process_id} step={step} value={float(local[0, 0])} steps={ckpt.all_steps()}", flush=True)
+ckpt.close()
+'''
+
+
+@pytest.mark.slow
+def test_two_processes_restore_the_same_step_when_one_cannot_read_the_newest(tmp_path):
+    """Step 3 is unreadable on process 1 only: both processes restore step 2 (not 3 and 2), and step 3
+    is moved to corrupt/ once."""
+    for i, out in enumerate(run_two_processes(tmp_path, DISAGREE_WORKER)):
+        assert f"RESTORED {i} step=2 value=2.0 steps=[1, 2]" in out, out[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ckpt" / "corrupt").iterdir()) == ["3"]

@@ -90,14 +90,22 @@ def test_split_is_by_play_and_deterministic(plays):
     assert data.decode(train_tokens) == "\n\n".join(p.text for p in train)
 
 
-def test_split_needs_two_documents_and_a_valid_fraction():
+def test_split_by_document_needs_two_and_a_valid_fraction_one_document_splits_by_bytes():
     docs = [data.Play("a", "x"), data.Play("b", "y")]
     train, val = data.split_plays(docs, val_fraction=0.9)  # clamped to n - 1 = 1 validation document
     assert len(train) == 1 and len(val) == 1
     with pytest.raises(ValueError, match="at least 2 documents"):
-        data.split_corpus(docs[:1])
+        data.split_plays(docs[:1])
     with pytest.raises(ValueError, match="val_fraction"):
         data.split_corpus(docs, val_fraction=1.0)
+    # one document: the last 10% of its bytes, from the nearest line start on
+    text = "".join(f"line {i:02d}\n" for i in range(50))  # 50 lines of 8 bytes
+    train_tokens, val_tokens = data.split_corpus([data.Play("one", text)], 0.1)
+    assert data.decode(val_tokens) == text[360:] and data.decode(train_tokens) == text[:360]
+    assert data.split_document("ab", 0.5) == ("a", "b")
+    assert data.split_document("üü", 0.5) == ("ü", "ü")  # never inside a UTF-8 character
+    with pytest.raises(ValueError, match="at least 2 bytes"):
+        data.split_document("a", 0.1)
 
 
 # ---------------------------------------------------------------------------------------- batches

@@ -57,6 +57,13 @@ def test_read_metrics_skips_truncated_last_line_only(tmp_path):
         read_metrics(tmp_path / "missing")
 
 
+def test_a_resumed_writer_drops_the_line_a_killed_run_left_unfinished(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n{"step": 2, "lo')  # SIGKILL mid-write
+    with MetricWriter(tmp_path, tensorboard=False) as w:
+        w.write(2, {"loss": 2.5})
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}]
+
+
 def test_tensorboard_event_file_appears(tmp_path):
     pytest.importorskip("tensorboardX")
     with MetricWriter(tmp_path) as w:

@@ -110,7 +110,7 @@ def test_make_norm_kinds_and_errors():
     assert isinstance(make_norm("rmsnorm", 1e-5, True, jnp.float32, jnp.float32, "n"), RMSNorm)
     with pytest.raises(ValueError, match=r"norm must be one of \('layernorm', 'rmsnorm'\)"):
         make_norm("batchnorm", 1e-5, True, jnp.float32, jnp.float32, "n")
-    with pytest.raises(ValueError, match=r"residual must be one of \('post', 'pre', 'alpha', 'alpha_post'\)"):
+    with pytest.raises(ValueError, match=r"residual must be one of \('post', 'pre', 'alpha', 'alpha_post', 'rezero', 'deepnorm'\)"):
         residual("sandwich", jnp.ones(3), lambda y: (y, None), None)
 
 
@@ -255,5 +255,5 @@ def test_alpha_schedule_values():
 
 
 def test_module_constants():
-    assert norms.RESIDUALS == ("post", "pre", "alpha", "alpha_post")
+    assert norms.RESIDUALS == ("post", "pre", "alpha", "alpha_post", "rezero", "deepnorm")
     assert norms.NORMS == ("layernorm", "rmsnorm")

@@ -93,7 +93,7 @@ BAD_FIELDS = [
     ("residual", "sandwich", ["post", "pre", "alpha", "alpha_post"]),
     ("activation", "swish", ["gelu", "gelu_tanh", "relu", "silu", "linear"]),
     ("ffn", "moe", ["plain", "gated"]),
-    ("attn_scale", "none", ["sqrt", "t5", "mup"]),
+    ("attn_scale", "inverse", ["sqrt", "t5", "mup", "none"]),
     ("mask", "prefix", ["causal", "bidirectional", "unilm", "uniae", "independent"]),
     ("token_mixer", "mlp", ["attention", "linear"]),
     ("head", "cls", ["lm", "mlm"]),

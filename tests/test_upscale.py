@@ -190,14 +190,48 @@ def _copy_gap(x, k, axis):
     return float(np.max(np.abs(xr - np.take(xr, [0], axis=axis + 1))))
 
 
-def test_noise_keeps_outputs_and_breaks_gradient_symmetry(x64):
+NOISE_CASES = [  # (preset, options, factor, grow): k = 2, 3, 4, both grow modes, NTK, RoPE with grow=num_heads
+    ("gpt", {}, 2, "head_dim"), ("gpt", {}, 3, "num_heads"), ("gpt", {}, 4, "head_dim"),
+    ("bert", {}, 3, "head_dim"), ("bert", {}, 2, "num_heads"),
+    ("gpt", {"parameterization": "ntk", "ffn": "gated"}, 3, "head_dim"),
+    ("gpt", {"position": "rope"}, 2, "num_heads"), ("t5", {"position": "rope"}, 4, "num_heads"),
+]
+
+
+@pytest.mark.parametrize("symmetry", upscale.SYMMETRY_METHODS)
+@pytest.mark.parametrize("preset,opts,k,grow", NOISE_CASES)
+def test_symmetry_breaking_is_exact_at_any_strength(x64, symmetry, preset, opts, k, grow):
+    """0 dB (noise as large as the weights) still cancels exactly: the copies read identical inputs."""
+    cfg = make_cfg(preset, **opts)
+    params = random_params(cfg)
+    plain, bc = upscale.widen(params, cfg, k, grow=grow)
+    noisy, _ = upscale.widen(params, cfg, k, grow=grow, noise_db=0.0, symmetry=symmetry, key=jax.random.PRNGKey(3))
+    scale = float(jnp.max(jnp.abs(logits_of(cfg, params, tokens()))))
+    assert max_logit_diff(cfg, params, bc, noisy, tokens()) <= 1e-10 * max(scale, 1.0)
+    assert _copy_gap(noisy["layer_0"]["ffn"]["wo"]["kernel"], k, 0) > 0.05  # the copies really differ
+    assert _copy_gap(plain["layer_0"]["ffn"]["wo"]["kernel"], k, 0) == 0.0
+
+
+@pytest.mark.parametrize("symmetry", upscale.SYMMETRY_METHODS)
+@pytest.mark.parametrize("noise_db", [-20.0, -10.0, 0.0])
+def test_noise_strength_is_the_stated_snr(symmetry, noise_db):
+    """std(noise) / RMS(weights) = 10^(dB/20), measured on a 512 x 2048 kernel (sampling error < 1%)."""
+    cfg = make_cfg("gpt", dtype="float32", d_model=256, d_ff=1024, num_heads=4, head_dim=64)
+    params = random_params(cfg)
+    plain, _ = upscale.widen(params, cfg, 2)
+    noisy, _ = upscale.widen(params, cfg, 2, noise_db=noise_db, symmetry=symmetry, key=jax.random.PRNGKey(0))
+    w, wn = plain["layer_0"]["ffn"]["wi"]["kernel"], noisy["layer_0"]["ffn"]["wi"]["kernel"]
+    ratio = float(jnp.std(wn - w) / jnp.sqrt(jnp.mean(w ** 2)))
+    assert ratio == pytest.approx(10 ** (noise_db / 20), rel=0.02)
+    assert upscale.noise_std(noise_db) == pytest.approx(10 ** (noise_db / 20)) and upscale.noise_std(None) == 0.0
+
+
+def test_noise_breaks_gradient_symmetry(x64):
     cfg = make_cfg("gpt")
     params = random_params(cfg)
     toks = tokens()
     plain, bc = upscale.widen(params, cfg, 2)
-    noisy, _ = upscale.widen(params, cfg, 2, noise=0.1, key=jax.random.PRNGKey(3))
-    assert max_logit_diff(cfg, params, bc, noisy, toks) < 1e-10
-    assert _copy_gap(noisy["layer_0"]["ffn"]["wo"]["kernel"], 2, 0) > 1e-3  # the copies really differ
+    noisy, _ = upscale.widen(params, cfg, 2, noise_db=-20.0, key=jax.random.PRNGKey(3))
     g_plain = jax.grad(lambda p: _loss(bc, p, toks))(plain)
     g_noisy = jax.grad(lambda p: _loss(bc, p, toks))(noisy)
     wi = lambda g: g["layer_0"]["ffn"]["wi"]["kernel"]  # noqa: E731  columns = FFN units (copies interleaved)
@@ -205,18 +239,76 @@ def test_noise_keeps_outputs_and_breaks_gradient_symmetry(x64):
     assert _copy_gap(wi(g_noisy), 2, 1) > 1e-6
 
 
+def test_noise_survives_bfloat16_and_still_cancels():
+    """Under bf16 compute: -10 dB changes almost every bf16 weight of the copies, and the logits move by
+    no more than bf16 rounding already moves them (<= 2 x the noise-free widening's bf16 error + 2^-8 x
+    the logit scale); -60 dB would round away, so it is refused."""
+    cfg = TransformerConfig.preset("gpt", **{**SMALL, "d_model": 32, "d_ff": 64, "num_heads": 2, "head_dim": 16},
+                                   dtype="bfloat16", param_dtype="float32")
+    params = random_params(cfg)
+    plain, bc = upscale.widen(params, cfg, 2)
+    noisy, _ = upscale.widen(params, cfg, 2, noise_db=-10.0, key=jax.random.PRNGKey(1))
+    w16 = lambda p: p["layer_0"]["ffn"]["wo"]["kernel"].astype(jnp.bfloat16)  # noqa: E731
+    changed = float(jnp.mean((w16(noisy) != w16(plain)).astype(jnp.float32)))
+    assert changed > 0.9
+    small = logits_of(cfg, params, tokens()).astype(jnp.float32)
+    scale = float(jnp.max(jnp.abs(small)))
+    err_plain = float(jnp.max(jnp.abs(logits_of(bc, plain, tokens()).astype(jnp.float32) - small)))
+    err_noisy = float(jnp.max(jnp.abs(logits_of(bc, noisy, tokens()).astype(jnp.float32) - small)))
+    assert err_noisy <= 2 * err_plain + 2 ** -8 * scale, (err_noisy, err_plain, scale)
+    # in float32 the same perturbed weights cancel to float32 rounding
+    f32 = lambda c: c.replace(dtype="float32")  # noqa: E731
+    err32 = float(jnp.max(jnp.abs(logits_of(f32(bc), noisy, tokens()) - logits_of(f32(cfg), params, tokens()))))
+    assert err32 <= 1e-5 * max(scale, 1.0)
+    with pytest.raises(ValueError, match=r"noise_db=-60.0 is below the resolution of the compute dtype bfloat16 "
+                                         r"\(-48.2 dB\)"):
+        upscale.widen(params, cfg, 2, noise_db=-60.0, key=jax.random.PRNGKey(1))
+
+
+def _train(cfg, params, steps, lr=1e-2):
+    tx = optax.adam(lr)
+    state = tx.init(params)
+    for i in range(steps):
+        g = jax.grad(lambda p: _loss(cfg, p, tokens(seed=i)))(params)
+        u, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, u)
+    return params
+
+
 def test_without_noise_copies_stay_identical_under_training(x64):
     """The symmetry problem: pure copies are a fixed point of Adam."""
     cfg = make_cfg("gpt")
     params, bc = upscale.widen(random_params(cfg), cfg, 2)
-    tx = optax.adam(1e-2)
-    state = tx.init(params)
-    for i in range(5):
-        g = jax.grad(lambda p: _loss(bc, p, tokens(seed=i)))(params)
-        u, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, u)
+    params = _train(bc, params, 5)
     assert _copy_gap(params["layer_0"]["ffn"]["wi"]["kernel"], 2, 1) < 1e-12
     assert _copy_gap(params["layer_1"]["attn"]["value"]["kernel"], 2, 2) < 1e-12
+    assert float(upscale.copy_similarity(params, cfg, 2)) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_copies_drift_apart_with_noise_and_training(x64):
+    """copy_similarity (the job logs it as eval_copy_cosine): 1 for pure copies; 1/sqrt(1 + sigma^2) right
+    after an additive widening at sigma = 10^(dB/20) (copy r = W + N_r around the copies' mean W); under
+    training the copies' deviations N_r themselves change (they receive different updates), while
+    noise-free copies stay exactly equal (cosine 1)."""
+    cfg = make_cfg("gpt", d_model=32, d_ff=64, num_heads=2, head_dim=16)
+    params = random_params(cfg)
+
+    def deviation(p):  # copy 0 minus the copies' mean, FFN input kernel (columns = FFN units, interleaved)
+        w = np.asarray(p["layer_0"]["ffn"]["wi"]["kernel"]).reshape(32 * 2, 64, 2)
+        return w[..., 0] - w.mean(-1)
+
+    moved = {}
+    for db in (-20.0, -10.0):
+        noisy, bc = upscale.widen(params, cfg, 2, noise_db=db, key=jax.random.PRNGKey(2))
+        c0 = float(upscale.copy_similarity(noisy, cfg, 2))
+        assert c0 == pytest.approx(1 / math.sqrt(1 + 10 ** (db / 10)), abs=0.02)
+        trained = _train(bc, noisy, 8, lr=3e-2)
+        d0, d1 = deviation(noisy), deviation(trained)
+        moved[db] = float(np.linalg.norm(d1 - d0) / np.linalg.norm(d0 + 1e-30))
+        assert float(upscale.copy_similarity(trained, cfg, 2)) < 1.0 - 1e-4
+    assert moved[-20.0] > 1e-3 and moved[-10.0] > 1e-3
+    plain, bc = upscale.widen(params, cfg, 2)
+    assert float(upscale.copy_similarity(_train(bc, plain, 8, lr=3e-2), cfg, 2)) == pytest.approx(1.0, abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
@@ -311,8 +403,12 @@ def test_errors_are_clear():
         upscale.widen(p, cfg, 1.5)
     with pytest.raises(ValueError, match=r"grow must be one of \('head_dim', 'num_heads'\)"):
         upscale.widen(p, cfg, 2, grow="depth")
-    with pytest.raises(ValueError, match="noise > 0 needs a PRNG key"):
-        upscale.widen(p, cfg, 2, noise=0.1)
+    with pytest.raises(ValueError, match="noise_db needs a PRNG key"):
+        upscale.widen(p, cfg, 2, noise_db=-10)
+    with pytest.raises(ValueError, match=r"symmetry must be one of \('zero_sum', 'fan_out'\), got 'dropout'"):
+        upscale.widen(p, cfg, 2, noise_db=-10, symmetry="dropout", key=jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="noise_db must be None .no noise. or a finite number of dB, got 'loud'"):
+        upscale.widen(p, cfg, 2, noise_db="loud", key=jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"layer_0/ffn/wi/bias has shape \(32,\), the config implies \(64,\)"):
         upscale.widen(p, cfg.replace(d_ff=64), 2)
     other = random_params(make_cfg("bert", dtype="float32"))
@@ -373,3 +469,69 @@ def test_headless_encoder_widens_to_scaled_repeat(x64):
     upscale.assert_lossless(params, cfg, big, bc, tokens(), atol=1e-10, rtol=0.0)
     h, hb = logits_of(cfg, params, tokens()), logits_of(bc, big, tokens())
     chex.assert_trees_all_close(hb, jnp.repeat(h, 2, -1) / math.sqrt(2), atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- learning rates
+
+def test_lr_multipliers_pick_the_stated_tensors():
+    cfg = make_cfg("bert", dtype="float32")
+    big, _ = upscale.widen(random_params(cfg), cfg, 2)
+    for tensors, want in (("all", lambda path, x: True), ("matrices", lambda path, x: x.ndim >= 2),
+                          ("hidden", lambda path, x: path[-1] == "kernel" and path[-2] in (
+                              "query", "key", "value", "out", "wi", "wo", "mlm_dense"))):
+        tree = upscale.lr_multipliers(big, 3.0, tensors=tensors)
+        for path, m in jax.tree_util.tree_leaves_with_path(tree):
+            names = tuple(getattr(p, "key", str(p)) for p in path)
+            x = big
+            for n in names:
+                x = x[n]
+            assert float(m) == (3.0 if want(names, x) else 1.0), (tensors, names)
+    hidden = upscale.lr_multipliers(big, 3.0, tensors="hidden")
+    assert float(hidden["embed"]["token"]) == 1.0 and float(hidden["layer_0"]["ffn"]["wi"]["kernel"]) == 3.0
+    with pytest.raises(ValueError, match=r"tensors must be one of \('all', 'matrices', 'hidden'\), got 'bias'"):
+        upscale.lr_multipliers(big, 2.0, tensors="bias")
+    with pytest.raises(ValueError, match="multiplier must be a number > 0, got 0"):
+        upscale.lr_multipliers(big, 0)
+
+
+def test_make_optimizer_lr_scales_multiply_the_whole_step():
+    """lr_scales = m on a tensor: its step (Adam part and decoupled weight decay) is m times the plain one."""
+    import ml_collections
+
+    from kexue_jax import training
+    optim = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=0, schedule="constant", min_lr_ratio=0.1,
+                                           weight_decay=0.1, b1=0.9, b2=0.99, eps=1e-8, clip_norm=None))
+    params = {"w": jnp.ones((3, 2)), "b": jnp.full((2,), 0.5)}
+    grads = {"w": jnp.arange(6.0).reshape(3, 2) - 2.0, "b": jnp.array([0.3, -0.1])}
+    scales = {"w": jnp.asarray(4.0), "b": jnp.asarray(1.0)}
+    plain, scaled = training.make_optimizer(optim, 10), training.make_optimizer(optim, 10, lr_scales=scales)
+    u0, _ = plain.update(grads, plain.init(params), params)
+    u1, _ = scaled.update(grads, scaled.init(params), params)
+    np.testing.assert_allclose(u1["w"], 4.0 * u0["w"], rtol=1e-6)
+    np.testing.assert_allclose(u1["b"], u0["b"], rtol=1e-6)
+    assert jax.tree_util.tree_structure(plain.init(params)) == jax.tree_util.tree_structure(scaled.init(params))
+
+
+# ---------------------------------------------------------------------------------------------- depth growth in the job
+
+def test_deepen_optimizer_state_copies_neighbours_and_zeroes_the_residual_outputs():
+    cfg = make_cfg("gpt", dtype="float32")
+    params = random_params(cfg)
+    tx = optax.adamw(1e-3)
+    state = tx.init(params)
+    g = jax.tree_util.tree_map(lambda x: jnp.ones_like(x) * 0.5, params)
+    _, state = tx.update(g, state, params)
+    insert = upscale.depth_insertions(cfg.num_layers, 2)
+    assert insert == [0, 1]
+    deep, dc = upscale.deepen(params, cfg, insert)
+    deep_state = upscale.deepen_optimizer_state(state, params, cfg, insert)
+    mu = deep_state[0].mu
+    chex.assert_trees_all_equal_shapes(mu, deep)
+    chex.assert_trees_all_equal(mu["layer_1"]["attn"]["query"], state[0].mu["layer_0"]["attn"]["query"])
+    assert float(jnp.max(jnp.abs(mu["layer_1"]["ffn"]["wo"]["kernel"]))) == 0.0
+    assert float(jnp.max(jnp.abs(mu["layer_0"]["ffn"]["wo"]["kernel"]))) > 0.0
+    assert int(deep_state[0].count) == 1
+    u, _ = tx.update(jax.tree_util.tree_map(jnp.ones_like, deep), deep_state, deep)  # the state fits the model
+    chex.assert_tree_all_finite(u)
+    with pytest.raises(ValueError, match="depth_factor must be an integer >= 1, got 0"):
+        upscale.depth_insertions(2, 0)

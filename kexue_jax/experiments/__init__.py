@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-EXPERIMENTS = ("lm", "upscale")
+EXPERIMENTS = ("lm", "upscale", "similarity", "init_study", "univae", "mixers")
 
 
 def run(config, workdir: str):

@@ -1,11 +1,12 @@
 """Multi-head attention, logit-scale conventions and rotary positions (kexue.fm/archives/8620, 8444).
 
 Why scale the logits (8620): for q, k with iid zero-mean unit-variance entries, E[(q.k)^2] = d, so
-logits span about +-3 sqrt(d) and the softmax saturates. Three conventions (``attn_scale``):
+logits span about +-3 sqrt(d) and the softmax saturates. The conventions (``attn_scale``):
 
 * ``sqrt``  logits = q.k / sqrt(d)                 (BERT; NTK-style)
 * ``t5``    logits = q.k, with the q and k init variances each divided by sqrt(d) so Var(q.k) = 1
 * ``mup``   logits = q.k / d                       (muP)
+* ``none``  logits = q.k with the standard init: Var(q.k) = d, the post's failing model (a control)
 
 ``num_heads x head_dim`` is free (not forced to d_model / num_heads). Projections are kept with an
 explicit head axis: query/key/value kernels are [d_model, heads, head_dim] and the output kernel is
@@ -34,15 +35,15 @@ from kexue_jax.nn import init as initializers
 
 Array = jax.Array
 
-ATTN_SCALES = ("sqrt", "t5", "mup")
+ATTN_SCALES = ("sqrt", "t5", "mup", "none")
 IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
 
 
 def logit_scale(kind: str, head_dim: int) -> float:
-    """The factor on q.k: 1/sqrt(d) (sqrt), 1 (t5), 1/d (mup)."""
+    """The factor on q.k: 1/sqrt(d) (sqrt), 1 (t5, none), 1/d (mup)."""
     if kind == "sqrt":
         return 1.0 / math.sqrt(head_dim)
-    if kind == "t5":
+    if kind in ("t5", "none"):
         return 1.0
     if kind == "mup":
         return 1.0 / head_dim
@@ -173,6 +174,19 @@ def dot_product_attention(q: Array, k: Array, v: Array, *, mask: Array | None = 
     return out, (probs if return_probs else None)
 
 
+def write_kv_cache(module: nn.Module, k: Array, v: Array, index) -> tuple[Array, Array]:
+    """KV cache: write this call's keys/values [B, n, H, D] into the module's ``cache`` collection
+    (``cached_key``/``cached_value`` [B, N, H, D], made by ``transformer.init_cache``) at slots [index, index + n) and
+    return the whole cache, so a decoding step costs O(N) instead of recomputing the prefix."""
+    if not (module.has_variable("cache", "cached_key") and module.has_variable("cache", "cached_value")):
+        raise ValueError("cache_index needs a KV cache: pass {'cache': transformer.init_cache(cfg, batch, length)} "
+                         "and mutable=['cache'] to apply")
+    ck, cv = module.variable("cache", "cached_key", None), module.variable("cache", "cached_value", None)
+    ck.value = jax.lax.dynamic_update_slice_in_dim(ck.value, k.astype(ck.value.dtype), index, axis=1)
+    cv.value = jax.lax.dynamic_update_slice_in_dim(cv.value, v.astype(cv.value.dtype), index, axis=1)
+    return ck.value.astype(k.dtype), cv.value.astype(v.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head self-attention token mixer (see module docstring).
 
@@ -183,7 +197,8 @@ class MultiHeadAttention(nn.Module):
     cfg: Any  # TransformerConfig
 
     @nn.compact
-    def __call__(self, x, *, mask=None, positions=None, deterministic=True, return_probs=False):
+    def __call__(self, x, *, mask=None, positions=None, deterministic=True, return_probs=False,
+                 cache_index=None):
         cfg = self.cfg
         h, d = cfg.num_heads, cfg.mixer_head_dim
         qk_extra = qk_init_variance_factor(cfg.attn_scale, d)
@@ -196,9 +211,11 @@ class MultiHeadAttention(nn.Module):
 
         q = proj("query", (h, d), 1, qk_extra)(x)
         k = proj("key", (h, d), 1, qk_extra)(x)
-        v = proj("value", (h, d), 1)(x)
+        v = proj("value", (h, d), 1, cfg.branch_init_gain ** 2)(x)  # DeepNorm beta (1 otherwise)
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_base), rope(k, positions, cfg.rope_base)
+        if cache_index is not None:  # incremental decoding: attend to every cached key (see write_kv_cache)
+            k, v = write_kv_cache(self, k, v, cache_index)
         bias = None
         if cfg.position == "relative":
             rel = positions[:, None, :] - positions[:, :, None]  # key - query, [B, Lq, Lk]
@@ -218,5 +235,5 @@ class MultiHeadAttention(nn.Module):
             out, probs = dot_product_attention(
                 q, k, v, mask=mask, bias=bias, scale=logit_scale(cfg.attn_scale, d), dropout_rate=rate,
                 dropout_rng=rng, return_probs=return_probs, implementation=cfg.attention_impl)
-        y = proj("out", (x.shape[-1],), 2)(out)
+        y = proj("out", (x.shape[-1],), 2, cfg.branch_init_gain ** 2)(out)
         return y, probs

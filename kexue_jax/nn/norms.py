@@ -11,9 +11,17 @@ Residual wirings of a block with branch F (``residual`` in TransformerConfig):
 * ``alpha``       x_{t+1} = x_t + alpha_t F(x_t), alpha_t = min(1, step/T) not trained (the post's
                   preference; SkipInit/ReZero with a fixed ramp). alpha = 0 makes every block the identity.
 * ``alpha_post``  x_{t+1} = Norm(x_t + alpha_t F(x_t))    (RoFormerV2, kexue.fm/archives/8998).
+* ``rezero``      x_{t+1} = x_t + a F(x_t), a a *trainable* scalar per block initialised to 0 (ReZero,
+                  Bachlechner et al. 2020; SkipInit, De & Smith 2020): the form the post contrasts with its
+                  fixed ramp (the post: alpha should not be trained like the other weights). No sub-layer norms.
+* ``deepnorm``    x_{t+1} = Norm(a x_t + F(x_t)) with the constant a = (2N)^{1/4} for an N-layer encoder-only
+                  or decoder-only stack, and the value, output and FFN kernels initialised with gain
+                  b = (8N)^{-1/4} (query and key keep gain 1) (DeepNet, Wang et al. 2022, arXiv:2203.00555).
 
-alpha is an input of ``Transformer.__call__`` computed from the step by ``alpha_schedule``, so the model
-stays a pure function of (params, inputs).
+The ramp's alpha is an input of ``Transformer.__call__`` computed from the step by ``alpha_schedule``
+(its length T is ``config.train.alpha_warmup_steps``), so it is never a parameter and the model stays a
+pure function of (params, inputs). ReZero's a is a parameter (``layer_i/rezero_alpha``); DeepNorm's a is
+the constant ``deepnorm_alpha(N)``.
 """
 from __future__ import annotations
 
@@ -23,7 +31,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-RESIDUALS = ("post", "pre", "alpha", "alpha_post")
+RESIDUALS = ("post", "pre", "alpha", "alpha_post", "rezero", "deepnorm")
+#: wirings without sub-layer norms (a final norm before the head is still on by default)
+NORM_FREE_RESIDUALS = ("alpha", "rezero")
 NORMS = ("layernorm", "rmsnorm")
 
 
@@ -88,8 +98,10 @@ def make_norm(kind: str, eps: float, use_bias: bool, dtype, param_dtype, name: s
 def residual(kind: str, x, branch: Callable, norm: Callable | None, alpha=1.0):
     """Apply one residual sub-layer ``branch`` to ``x`` with the wiring ``kind`` (see module doc).
 
-    ``norm`` is the sub-layer's norm (unused by ``alpha``); ``alpha`` scales the branch for the
-    alpha wirings. Returns (new_x, branch_aux) where branch returns (out, aux).
+    ``norm`` is the sub-layer's norm (unused by ``alpha`` and ``rezero``); ``alpha`` scales the branch
+    for ``alpha``/``alpha_post`` (the ramp value) and ``rezero`` (the trainable scalar), and the skip
+    path for ``deepnorm`` (the constant (2N)^{1/4}). Returns (new_x, branch_aux) where branch returns
+    (out, aux).
     """
     if kind == "post":
         out, aux = branch(x)
@@ -103,6 +115,12 @@ def residual(kind: str, x, branch: Callable, norm: Callable | None, alpha=1.0):
     if kind == "alpha_post":
         out, aux = branch(x)
         return norm(x + jnp.asarray(alpha, out.dtype) * out), aux
+    if kind == "rezero":
+        out, aux = branch(x)
+        return x + jnp.asarray(alpha, out.dtype) * out, aux
+    if kind == "deepnorm":
+        out, aux = branch(x)
+        return norm(jnp.asarray(alpha, out.dtype) * x + out), aux
     raise ValueError(f"residual must be one of {RESIDUALS}, got {kind!r}")
 
 
@@ -116,3 +134,20 @@ def alpha_schedule(step, warmup_steps: int):
     if warmup_steps == 0:
         return jnp.ones((), jnp.float32)
     return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / float(warmup_steps))
+
+
+def deepnorm_alpha(num_layers: int) -> float:
+    """DeepNorm's skip multiplier a = (2N)^{1/4} for an N-layer encoder-only or decoder-only stack
+    (DeepNet, Wang et al. 2022, arXiv:2203.00555: the constants for encoder-only and decoder-only models;
+    encoder-decoder models use other ones). N = 6: 1.8612; N = 48: 3.1302."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"num_layers must be a positive integer, got {num_layers!r}")
+    return (2.0 * num_layers) ** 0.25
+
+
+def deepnorm_beta(num_layers: int) -> float:
+    """DeepNorm's init gain b = (8N)^{-1/4} on the value, output and FFN kernels (query and key keep
+    gain 1) for an N-layer encoder-only or decoder-only stack (DeepNet, arXiv:2203.00555; microsoft/torchscale
+    divides v_proj, out_proj, fc1 and fc2 by (8N)^{1/4}). N = 6: 0.3799; N = 48: 0.2259."""
+    deepnorm_alpha(num_layers)  # validates num_layers
+    return (8.0 * num_layers) ** -0.25

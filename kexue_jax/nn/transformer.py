@@ -11,9 +11,11 @@ Parameter tree (plain nested dict; the upscaling maps of ``kexue_jax.upscale`` a
     layer_{i}/attn/{query,key,value}/{kernel [D, H, Dh], bias [H, Dh]?}
     layer_{i}/attn/out/{kernel [H, Dh, D], bias [D]?}
     layer_{i}/attn/rel_bias [buckets, H]?            (T5 relative position bias)
-    layer_{i}/{attn_norm, ffn_norm}/{scale, bias?}   (not with residual="alpha")
+    layer_{i}/mixer/...                              (other token_mixer values: kexue_jax.nn.mixers, 8431)
+    layer_{i}/{attn_norm, ffn_norm}/{scale, bias?}   (not with residual="alpha" or "rezero")
+    layer_{i}/rezero_alpha []                        (residual="rezero": trainable, 0 at init)
     layer_{i}/ffn/{wi, wi_gate?}/{kernel [D, F], bias [F]?};  layer_{i}/ffn/wo/{kernel [F, D], bias [D]?}
-    final_norm/{scale, bias?}?                       (Pre-Norm and alpha residuals)
+    final_norm/{scale, bias?}?                       (Pre-Norm, alpha and rezero residuals)
     mlm_dense/{kernel [D, D], bias [D]?}, mlm_norm/{scale, bias?}   (BERT MLM head)
     head/kernel [D, V]?                              (untied output layer)
     output_bias [V]?                                 (MLM head vocab bias)
@@ -37,7 +39,9 @@ import jax.numpy as jnp
 from kexue_jax.nn import init as initializers
 from kexue_jax.nn import masks as masks_lib
 from kexue_jax.nn.attention import ATTN_SCALES, IMPLEMENTATIONS, Dense, MultiHeadAttention
-from kexue_jax.nn.norms import NORMS, RESIDUALS, make_norm, residual
+from kexue_jax.nn import mixers as mixers_lib
+from kexue_jax.nn.norms import (NORM_FREE_RESIDUALS, NORMS, RESIDUALS, deepnorm_alpha, deepnorm_beta, make_norm,
+                                 residual)
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -52,7 +56,7 @@ FFNS = ("plain", "gated")
 POSITIONS = ("learned", "rope", "relative", "none")
 HEADS = ("lm", "mlm", "none")
 PARAMETERIZATIONS = ("standard", "ntk")
-TOKEN_MIXERS = ("attention", "linear")
+TOKEN_MIXERS = ("attention", "linear") + mixers_lib.MIXERS  # the others: kexue.fm/archives/8431, nn/mixers.py
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -95,16 +99,25 @@ class TransformerConfig:
     norm: str = "layernorm"           # layernorm | rmsnorm
     norm_eps: float = 1e-5
     head_norm_eps: float | None = None  # eps of the MLM-head norm (None: norm_eps)
-    residual: str = "pre"             # post | pre | alpha | alpha_post
+    residual: str = "pre"             # post | pre | alpha | alpha_post | rezero | deepnorm
     final_norm: bool | None = None    # None: True for pre/alpha, False for post/alpha_post
     activation: str = "gelu"
     ffn: str = "plain"                # plain | gated (act(x W_gate) * (x W_in))
     use_bias: bool = True
-    attn_scale: str = "sqrt"          # sqrt (1/sqrt(d)) | t5 (none; q/k init var / sqrt(d)) | mup (1/d)
+    attn_scale: str = "sqrt"          # sqrt (1/sqrt(d)) | t5 (none; q/k init var / sqrt(d)) | mup (1/d) | none
     mask: str = "causal"              # causal | bidirectional | unilm | uniae | independent
     layer_masks: tuple[str, ...] = ()  # per-layer override of ``mask`` (UniVAE: independent then uniae)
     token_mixer: str = "attention"    # attention | linear (kexue.fm/archives/8610)
     linear_head_multiplier: int = 1   # head size r * head_dim for linear attention
+    # options of the non-attention mixers (kexue.fm/archives/8431, kexue_jax/nn/mixers.py)
+    synthesizer_frozen: bool = False  # synthesizer_random: logits fixed at their random init
+    token_mlp_dim: int | None = None  # mixer: token-MLP hidden size S (None: max_len; causal needs max_len)
+    external_slots: int = 64          # external: memory slots S
+    conv_kind: str = "lightweight"    # conv: lightweight | dynamic
+    conv_kernel_size: int = 7         # conv: kernel width (odd when bidirectional)
+    tiny_attention_dim: int = 64      # amlp: size of the tiny single-head attention
+    mixer_norm_eps: float | None = None  # gmlp/amlp gate norm eps (None: norm_eps; widen keeps it fixed)
+    mixer_copies: int = 1             # fnet: interleaved channel copies (set by upscale.widen)
     head: str = "lm"                  # lm (h E^T or h W) | mlm (dense + act + norm + E^T + bias) | none (h)
     tie_embeddings: bool = True
     init_std: float | None = 0.02     # None: second-moment (LeCun) init, embeddings N(0, 1/D)
@@ -115,6 +128,13 @@ class TransformerConfig:
     attention_impl: str = "auto"      # auto | einsum | xla | cudnn
 
     def __post_init__(self):
+        for name in ("dtype", "param_dtype"):  # jnp.bfloat16 / np.dtype as in flax; stored as the name
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                try:
+                    object.__setattr__(self, name, jnp.dtype(value).name)
+                except TypeError:
+                    _fail(name, f"one of {DTYPES} (a name or a jnp/numpy dtype)", value)
         for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "d_ff", "max_len",
                      "rel_buckets", "rel_max_distance", "linear_head_multiplier"):
             value = getattr(self, name)
@@ -163,6 +183,7 @@ class TransformerConfig:
         if self.head == "mlm" and not self.tie_embeddings:
             _fail("tie_embeddings", "True with head='mlm' (the MLM head reads the token embedding)",
                   self.tie_embeddings)
+        mixers_lib.validate_config(self, _fail)
         if self.embed_norm and self.residual in ("pre", "alpha"):
             pass  # allowed: an embedding norm before a Pre-Norm stack is harmless
 
@@ -198,7 +219,13 @@ class TransformerConfig:
 
     @property
     def has_final_norm(self) -> bool:
-        return self.residual in ("pre", "alpha") if self.final_norm is None else self.final_norm
+        return self.residual in ("pre",) + NORM_FREE_RESIDUALS if self.final_norm is None else self.final_norm
+
+    @property
+    def branch_init_gain(self) -> float:
+        """Init gain of the value, attention-output and FFN kernels: DeepNorm's (8N)^{-1/4} with
+        residual="deepnorm" (DeepNet, arXiv:2203.00555), else 1."""
+        return deepnorm_beta(self.num_layers) if self.residual == "deepnorm" else 1.0
 
     @property
     def masks_per_layer(self) -> tuple[str, ...]:
@@ -244,9 +271,11 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         cfg = self.cfg
 
+        gain2 = cfg.branch_init_gain ** 2  # DeepNorm's beta^2 on the init variance (1 otherwise)
+
         def dense(name, features, fan_in):
-            return Dense((features,), use_bias=cfg.use_bias, kernel_init=cfg.kernel_init(),
-                         multiplier=cfg.kernel_multiplier(fan_in), dtype=cfg.compute_dtype,
+            return Dense((features,), use_bias=cfg.use_bias, kernel_init=cfg.kernel_init(extra=gain2),
+                         multiplier=cfg.kernel_multiplier(fan_in, gain2), dtype=cfg.compute_dtype,
                          param_dtype=cfg.param_jnp_dtype, name=name)
 
         act = ACTIVATIONS[cfg.activation]
@@ -263,22 +292,30 @@ class Block(nn.Module):
     cfg: TransformerConfig
 
     @nn.compact
-    def __call__(self, x, *, mask, positions, deterministic=True, alpha=1.0, return_probs=False):
+    def __call__(self, x, *, mask, positions, deterministic=True, alpha=1.0, return_probs=False,
+                 cache_index=None):
         cfg = self.cfg
-        wants_norm = cfg.residual != "alpha"
+        wants_norm = cfg.residual not in NORM_FREE_RESIDUALS
 
         def norm(name):
             return make_norm(cfg.norm, cfg.norm_eps, cfg.use_bias, cfg.compute_dtype, cfg.param_jnp_dtype,
                              name) if wants_norm else None
 
-        mixer = MultiHeadAttention(cfg, name="attn")
+        if cfg.residual == "rezero":  # ReZero/SkipInit: one trainable scalar per block, 0 at init
+            alpha = self.param("rezero_alpha", nn.initializers.zeros, (), cfg.param_jnp_dtype)
+        elif cfg.residual == "deepnorm":  # the skip multiplier (2N)^{1/4}; the ramp alpha is not used
+            alpha = deepnorm_alpha(cfg.num_layers)
+        mixer = (MultiHeadAttention(cfg, name="attn") if cfg.token_mixer in ("attention", "linear")
+                 else mixers_lib.TokenMixer(cfg, name="mixer"))
 
         def mix(y):
             out, probs = mixer(y, mask=mask, positions=positions, deterministic=deterministic,
-                               return_probs=return_probs)
+                               return_probs=return_probs, cache_index=cache_index)
             return _dropout(cfg, out, deterministic), probs
 
-        x, probs = residual(cfg.residual, x, mix, norm("attn_norm"), alpha)
+        # ResMLP: the Aff affines inside the mixer take the place of the norm (kexue.fm/archives/8431)
+        mix_norm = (lambda y: y) if cfg.token_mixer == "resmlp" else norm("attn_norm")
+        x, probs = residual(cfg.residual, x, mix, mix_norm, alpha)
         ffn = FeedForward(cfg, name="ffn")
         x, _ = residual(cfg.residual, x, lambda y: (_dropout(cfg, ffn(y), deterministic), None),
                         norm("ffn_norm"), alpha)
@@ -293,14 +330,18 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens, segment_ids=None, *, positions=None, document_ids=None, valid=None,
                  deterministic: bool = True, alpha=1.0, inject: Mapping[int, Any] | None = None,
-                 return_intermediates: bool = False):
+                 return_intermediates: bool = False, cache_index=None):
         """tokens int [B, L] -> logits [B, L, vocab] (and aux with ``return_intermediates``).
 
         segment_ids: [B, L] (0 = source, 1 = target; default zeros), used by the masks and the segment
           embedding. positions: [B, L] (default arange). document_ids: packed-document ids (masks
           become block-diagonal). valid: bool [B, L] key-padding mask. alpha: the alpha-residual scale
           (``norms.alpha_schedule(step, T)``). inject: {layer: [B, d_model]} overwrites position 0 of
-          the hidden state entering that layer (UniVAE latents, kexue.fm/archives/8475).
+          the hidden state entering that layer (UniVAE latents, kexue.fm/archives/8475); a value may be
+          a function of the current position-0 state [B, d_model] (UniVAE's hierarchical encoder).
+          cache_index: incremental decoding (apply with {'cache': init_cache(...)} and mutable=['cache']):
+          the tokens fill cache slots [cache_index, cache_index + L) and attend to every slot written so
+          far, masked by ``cfg``'s masks over the cached segment ids (positions default to the slots).
         """
         cfg = self.cfg
         if tokens.ndim != 2:
@@ -313,6 +354,10 @@ class Transformer(nn.Module):
         if segment_ids is None:
             segment_ids = jnp.zeros((b, n), jnp.int32)
         default_positions = positions is None
+        mask_segments = segment_ids  # with a KV cache: the segment ids of every cached slot
+        if cache_index is not None:
+            mask_segments, positions, default_positions = _cached_segments(self, cfg, segment_ids, positions,
+                                                                           cache_index, document_ids, valid)
         if default_positions:
             positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
         dt = cfg.compute_dtype
@@ -334,21 +379,25 @@ class Transformer(nn.Module):
         built: dict[str, jax.Array] = {}
 
         def mask_for(kind):
-            if cfg.token_mixer == "linear":
+            if cfg.token_mixer != "attention":
                 return kind  # linear attention takes the kind, not a dense mask
             if kind not in built:
-                built[kind] = masks_lib.and_(masks_lib.make(kind, segment_ids, document_ids), padding)
+                built[kind] = masks_lib.and_(masks_lib.make(kind, mask_segments, document_ids), padding)
+                if cache_index is not None:  # rows of this call's queries, keys = the slots written so far
+                    rows = jax.lax.dynamic_slice_in_dim(built[kind], cache_index, n, axis=2)
+                    built[kind] = rows & (jnp.arange(mask_segments.shape[1]) < cache_index + n)
             return built[kind]
 
         hidden, probs_all = [], []
         for i, kind in enumerate(cfg.masks_per_layer):
             if inject is not None and i in inject:
-                x = x.at[:, 0].set(jnp.asarray(inject[i], dt))
+                new = inject[i](x[:, 0]) if callable(inject[i]) else inject[i]  # callable: h_l[:, 0] -> new
+                x = x.at[:, 0].set(jnp.asarray(new, dt))
             hidden.append(x)
             x, probs = Block(cfg, name=f"layer_{i}")(
-                x, mask=_MixerMask(mask_for(kind), valid) if cfg.token_mixer == "linear" else mask_for(kind),
+                x, mask=_MixerMask(mask_for(kind), valid) if cfg.token_mixer != "attention" else mask_for(kind),
                 positions=positions, deterministic=deterministic, alpha=alpha,
-                return_probs=return_intermediates)
+                return_probs=return_intermediates, cache_index=cache_index)
             probs_all.append(probs)
         hidden.append(x)
         aux: dict[str, Any] = {"hidden": hidden, "attention": probs_all}
@@ -357,6 +406,37 @@ class Transformer(nn.Module):
             aux["final"] = x
         logits = _output_head(self, cfg, x, token_table["token"], aux)
         return (logits, aux) if return_intermediates else logits
+
+
+def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> dict:
+    """An empty KV cache of ``length`` slots: {layer_i: {attn: {cached_key, cached_value [B, N, H, Dh]}},
+    segment_ids [B, N]}.
+
+    Use: ``logits, v = Transformer(cfg).apply({"params": p, "cache": cache}, tokens, seg,
+    cache_index=i, mutable=["cache"])``; then ``cache = v["cache"]``. Prefill with many tokens at
+    cache_index=0, then feed one token per step (kexue.fm/archives/8475: UniVAE decoding)."""
+    kv = jnp.zeros((batch_size, length, cfg.num_heads, cfg.mixer_head_dim), cfg.compute_dtype)
+    cache = {f"layer_{i}": {"attn": {"cached_key": kv, "cached_value": kv}} for i in range(cfg.num_layers)}
+    cache["segment_ids"] = jnp.zeros((batch_size, length), jnp.int32)
+    return cache
+
+
+def _cached_segments(module: nn.Module, cfg: TransformerConfig, segment_ids, positions, cache_index,
+                     document_ids, valid):
+    """Write this call's segment ids into the cache; return (all cached segment ids, positions, default?)."""
+    if cfg.token_mixer != "attention" or cfg.position == "relative":
+        raise ValueError("cache_index (KV-cache decoding) needs TransformerConfig.token_mixer='attention' and "
+                         f"position in ('learned', 'rope', 'none'), got {cfg.token_mixer!r} / {cfg.position!r}")
+    if document_ids is not None or valid is not None:
+        raise ValueError("cache_index does not take document_ids or valid (masked slots are never written)")
+    if not module.has_variable("cache", "segment_ids"):
+        raise ValueError("cache_index needs {'cache': init_cache(cfg, batch, length)} and mutable=['cache']")
+    seg = module.variable("cache", "segment_ids", None)
+    seg.value = jax.lax.dynamic_update_slice_in_dim(seg.value, segment_ids.astype(jnp.int32), cache_index, axis=1)
+    if positions is None:
+        b, n = segment_ids.shape
+        positions = jnp.broadcast_to(cache_index + jnp.arange(n, dtype=jnp.int32), (b, n))
+    return seg.value, positions, False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,331 @@
+"""The sweep that chooses the main job's defaults (kexue.fm/archives/8444): what makes growth pay off.
+
+    python benchmarks/upscale_sweep.py --workdir runs/sweep [--workers 2] [--scale default|reduced|tiny]
+        [--deadline SECONDS] [--analyze-only]
+
+Every run is an independent ``configs/upscale.py`` job in its own sub-directory (a killed sweep resumes run
+by run; the runs execute in parallel, in the order below, so a deadline cuts the least important ones):
+  1. arm B alone at three learning rates {1.5e-3, 3e-3, 6e-3} for the main big model at seeds 0, 1, 2;
+  2. arm A alone (it runs to ``upscale.cap`` x B's FLOPs, counted analytically), one factor at a time around
+     a centre (seed 0): noise strength {none, -40, -20, -10, 0 dB} x method {zero_sum, fan_out}, widen
+     point {1/6, 1/3, 2/3 of B's steps}, schedule after widening {continue, restart, rewind}, the big phase's
+     learning-rate multiplier {1, 2, 4} on all tensors or on the hidden matrices only, optimizer state
+     {mapped, fresh};
+  3. seeds 1 and 2 of the settings most likely to be best (``SEEDED``);
+  4. factor 4, depth x2 (GPT preset, Pre-LN), the MLM objective: B at three rates and A's centre each;
+  5. the size study: d 32->64 and 128->256 (64->128 is the main model), B at three rates and A's centre.
+Then (``--analyze-only`` does only this) every A run is compared with the B run of its model and seed at
+B's best learning rate (lowest final validation loss at seed 0: a saving against an untuned baseline is not
+a saving), with the job's own ``compute_saving``; the tables go to ``sweep.md`` and the rows to
+``sweep.json`` (with every run's curves).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo root, for configs/
+
+LRS = [1.5e-3, 3e-3, 6e-3]  # arm B's learning rates (``--lrs``)
+A_LR = 3e-3  # arm A's small phase without a tuned B (with one: B's rate); its big phase is that x lr_multiplier
+CENTRE = {"upscale.noise_db": -10.0, "upscale.symmetry": "zero_sum", "upscale.widen_frac": 1 / 6,
+          "upscale.schedule": "continue", "upscale.lr_multiplier": 2.0, "upscale.lr_tensors": "all",
+          "upscale.map_optimizer": True}
+#: one factor at a time: (factor, label, overrides on top of the centre)
+ABLATIONS = [
+    ("noise", "none", {"upscale.noise_db": None}),
+    ("noise", "-40 dB", {"upscale.noise_db": -40.0}),
+    ("noise", "-20 dB", {"upscale.noise_db": -20.0}),
+    ("noise", "0 dB", {"upscale.noise_db": 0.0}),
+    ("noise", "fan_out -20 dB", {"upscale.symmetry": "fan_out", "upscale.noise_db": -20.0}),
+    ("noise", "fan_out -10 dB", {"upscale.symmetry": "fan_out"}),
+    ("noise", "fan_out 0 dB", {"upscale.symmetry": "fan_out", "upscale.noise_db": 0.0}),
+    ("widen_at", "1/3", {"upscale.widen_frac": 1 / 3}),
+    ("widen_at", "2/3", {"upscale.widen_frac": 2 / 3}),
+    ("schedule", "restart", {"upscale.schedule": "restart"}),
+    ("schedule", "rewind", {"upscale.schedule": "rewind"}),
+    ("lr_multiplier", "1", {"upscale.lr_multiplier": 1.0}),
+    ("lr_multiplier", "4", {"upscale.lr_multiplier": 4.0}),
+    ("lr_multiplier", "hidden x2", {"upscale.lr_tensors": "hidden"}),
+    ("lr_multiplier", "hidden x4", {"upscale.lr_tensors": "hidden", "upscale.lr_multiplier": 4.0}),
+    ("optimizer", "fresh", {"upscale.map_optimizer": False}),
+]
+#: settings run at three seeds (chosen before the sweep, from the issue's measurements: strong noise,
+#: early widening, a larger learning rate after widening)
+SEEDED = [("centre", {}), ("lr_multiplier=4", {"upscale.lr_multiplier": 4.0}),
+          ("schedule=restart", {"upscale.schedule": "restart"})]
+#: other big models: name -> (configs/upscale.py variant, overrides); arm B is tuned for each
+OTHER_MODELS = {"k4": (None, {"upscale.factor": 4}), "depth2_gpt": ("gpt", {"upscale.depth_factor": 2}),
+                "mlm": ("mlm", {})}
+SIZES = {"32->64": dict(d_model=32, num_heads=2, head_dim=16, d_ff=128),
+         "128->256": dict(d_model=128, num_heads=8, head_dim=16, d_ff=512)}
+
+
+# ------------------------------------------------------------------------------------------------
+# One run (in a worker process).
+
+def _config(spec: dict):
+    from configs import upscale as upscale_config  # noqa: PLC0415 (worker-side import)
+    c = upscale_config.get_config(spec["variant"])
+    c.train.plot = False
+    ov = dict(spec["overrides"])
+    frac = ov.pop("upscale.widen_frac", None)
+    for key, value in ov.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = tuple(value) if isinstance(value, list) else value
+    if frac is not None:
+        c.upscale.widen_at = max(1, int(round(frac * c.train.steps)))
+    return c
+
+
+def run_one(spec: dict) -> dict:
+    """Run one job (``spec``: name, variant, overrides, workdir) and return its row (with its curves)."""
+    import contextlib  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from kexue_jax.experiments import upscale as experiment  # noqa: PLC0415
+    t0 = time.time()
+    log = io.StringIO()
+    try:
+        c = _config(spec)
+        with contextlib.redirect_stdout(log):
+            rep = experiment.run(c, spec["workdir"])
+    except Exception as e:  # noqa: BLE001 (a failed run is a row, not the end of the sweep)
+        with open(os.path.join(spec["workdir"], "error.txt"), "w") as f:
+            f.write(log.getvalue()[-4000:] + f"\n{type(e).__name__}: {e}")
+        return {**spec, "error": f"{type(e).__name__}: {e}"[:300], "seconds": round(time.time() - t0, 1)}
+    keep = ("final_loss_upscaled", "final_loss_scratch", "flops_scratch_total", "flops_upscaled_total",
+            "max_abs_logit_diff", "loss_before_widen", "loss_after_widen", "widen_flops", "unigram_entropy",
+            "copy_cosine", "curves", "big_steps_run")
+    return {**spec, **{k: rep.get(k) for k in keep}, "seconds": round(time.time() - t0, 1)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan.
+
+def base_overrides(scale: str) -> dict:
+    """``default``: configs/upscale.py:default, evaluated every 50 steps (a fine grid of FLOPs); ``reduced``:
+    half the width and steps (a CPU-sized first pass); ``tiny``: for tests."""
+    ov = {"train.eval_every": 50, "train.log_every": 50, "train.checkpoint_every": 100_000,
+          "train.keep_checkpoints": 1}
+    if scale == "reduced":
+        ov.update({"model.d_model": 32, "model.num_heads": 2, "model.d_ff": 128, "train.steps": 750,
+                   "optim.warmup_steps": 50})
+    elif scale == "tiny":
+        ov = {"train.eval_every": 5, "train.log_every": 5, "train.checkpoint_every": 100, "train.eval_batches": 1}
+    return ov
+
+
+def spec(workdir: str, scale: str, name: str, model: str, overrides: dict, variant: str | None = None) -> dict:
+    if scale == "tiny":  # the tiny variant is Post-LN: depth growth needs Pre-LN
+        variant = "tiny"
+        if overrides.get("upscale.depth_factor", 1) > 1:
+            overrides = {**overrides, "model.residual": "pre"}
+    return {"name": name, "model": model, "variant": variant or "default",
+            "overrides": {**base_overrides(scale), **overrides},
+            "workdir": os.path.join(workdir, name.replace(" ", "_").replace("/", "-").replace(">", ""))}
+
+
+def b_name(model: str, lr: float, seed: int) -> str:
+    return f"B/{model}/lr{lr:g}/s{seed}"
+
+
+def plan(workdir: str, scale: str) -> list[dict]:
+    """Every run of the sweep, most important first (see the module docstring)."""
+    S = lambda *a, **k: spec(workdir, scale, *a, **k)  # noqa: E731
+    arm_a = {"upscale.arms": ("upscaled",), "optim.lr": A_LR}
+    runs = [S(b_name("main", lr, 0), "main", {"optim.lr": lr, "upscale.arms": ("scratch",)}) for lr in LRS]
+    runs += [S("A/centre", "main", {**CENTRE, **arm_a})]
+    runs += [S(f"A/{f}={label}", "main", {**CENTRE, **ov, **arm_a}) for f, label, ov in ABLATIONS]
+    runs += [S(b_name("main", lr, s), "main", {"optim.lr": lr, "seed": s, "upscale.arms": ("scratch",)})
+             for s in (1, 2) for lr in LRS]
+    runs += [S(f"A/{name}/s{s}", "main", {**CENTRE, **ov, **arm_a, "seed": s}) for name, ov in SEEDED for s in (1, 2)]
+    models = dict(OTHER_MODELS)
+    if scale != "tiny":
+        models.update({f"size {k}": (None, {f"model.{f}": v for f, v in dims.items()}) for k, dims in SIZES.items()})
+    for model, (variant, ov) in models.items():
+        runs += [S(b_name(model, lr, 0), model, {**ov, "optim.lr": lr, "upscale.arms": ("scratch",)}, variant=variant)
+                 for lr in LRS]
+        runs += [S(f"A/{model}/centre", model, {**CENTRE, **ov, **arm_a}, variant=variant)]
+    return runs
+
+
+def execute(runs: list[dict], workdir: str, workers: int, deadline: float) -> list[dict]:
+    """Run what is not done yet, ``workers`` at a time; rows are saved as they finish."""
+    path = os.path.join(workdir, "sweep.json")
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [r for r in json.load(f)["rows"] if "error" not in r]
+    keep = {r["name"] for r in runs}
+    others, rows = [r for r in rows if r["name"] not in keep], [r for r in rows if r["name"] in keep]
+    done = {r["name"] for r in rows}
+    todo = [r for r in runs if r["name"] not in done]
+    t0 = time.time()
+    for r in todo:
+        os.makedirs(r["workdir"], exist_ok=True)
+    if todo:
+        pool = cf.ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))), mp_context=mp.get_context("spawn"),
+                                      max_tasks_per_child=1)
+        futures = {pool.submit(run_one, r): r for r in todo}
+        try:
+            for fut in cf.as_completed(futures, timeout=deadline if deadline > 0 else None):
+                row = fut.result()
+                print(json.dumps({k: v for k, v in row.items() if k not in ("curves", "copy_cosine", "overrides")}),
+                      flush=True)
+                if "error" not in row:
+                    rows.append(row)
+                    with open(path, "w") as f:
+                        json.dump({"rows": others + rows}, f)
+        except cf.TimeoutError:
+            print(json.dumps({"deadline": deadline, "finished": len(rows), "cancelled": [
+                futures[f]["name"] for f in futures if not f.done()]}), flush=True)
+            for f in futures:
+                f.cancel()
+            for proc in list(getattr(pool, "_processes", {}).values()):  # running jobs: stop them now
+                proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+    print(json.dumps({"executed_seconds": round(time.time() - t0, 1)}), flush=True)
+    return others + rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Analysis.
+
+def analyze(rows: list[dict]) -> dict:
+    """Compare each A run with B at B's best rate (same model, same seed); returns the result tables."""
+    from kexue_jax.experiments import upscale as experiment  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+    by = {r["name"]: r for r in rows}
+    best = {}
+    for model in sorted({r["model"] for r in rows}):
+        cands = [(by[b_name(model, lr, 0)]["final_loss_scratch"], lr) for lr in LRS if b_name(model, lr, 0) in by]
+        if cands:
+            best[model] = min(cands)[1]
+    results = []
+    for r in rows:
+        if not r["name"].startswith("A/") or r["model"] not in best:
+            continue
+        seed = r["overrides"].get("seed", 0)
+        b = by.get(b_name(r["model"], best[r["model"]], seed))
+        if b is None:
+            continue
+        warm = _config(b).optim.warmup_steps
+        scratch = b["curves"]["scratch (B)"]
+        warm_flops = warm * scratch[-1]["flops"] / scratch[-1]["step"]
+        fig = experiment.compute_saving(r["curves"]["upscaled (A)"], scratch, small_flops=r["widen_flops"],
+                                        warmup_flops=warm_flops)
+        results.append({"name": r["name"], "model": r["model"], "seed": seed, "b_lr": best[r["model"]], **fig,
+                        "final_loss_upscaled": r["final_loss_upscaled"], "copy_cosine_end": (
+                            r["copy_cosine"][-1]["cosine"] if r.get("copy_cosine") else None)})
+    groups: dict[str, list[dict]] = {}
+    for res in results:
+        key = res["name"].rsplit("/s", 1)[0] if res["name"].rsplit("/s", 1)[-1].isdigit() else res["name"]
+        groups.setdefault(key, []).append(res)
+    seeded = {}
+    for key, rs in groups.items():
+        if len(rs) > 1:
+            def ms(k):
+                v = [x[k] for x in rs if x[k] is not None]
+                return {"mean": float(np.mean(v)) if v else None,
+                        "std": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v), "of": len(rs)}
+            seeded[key] = {k: ms(k) for k in ("compute_saving", "compute_saving_given_small",
+                                              "loss_gap_at_equal_flops")}
+    return {"best_lr": best, "results": results, "seeds": seeded,
+            "b_final": {m: {f"{lr:g}": by[b_name(m, lr, s)]["final_loss_scratch"]
+                            for lr in LRS for s in (0,) if b_name(m, lr, s) in by} for m in best}}
+
+
+def _f(v, nd=3):
+    return "—" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def tables(an: dict) -> str:
+    out = ["## Arm B: final validation loss at each learning rate (seed 0)", "",
+           "| big model | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | best |", "|---|" + "---|" * (len(LRS) + 1)]
+    for m, vals in an["b_final"].items():
+        out.append(f"| {m} | " + " | ".join(_f(vals.get(f"{lr:g}"), 4) for lr in LRS) + f" | {an['best_lr'][m]:g} |")
+    out += ["", "## Arm A against the tuned arm B (seed 0)", "",
+            "| run | compute saving | given small | loss gap at B's FLOPs | A's final loss | target (B) | copy cosine at end |",
+            "|---|---|---|---|---|---|---|"]
+    for r in an["results"]:
+        if r["seed"] == 0:
+            out.append(f"| {r['name']} | {_f(r['compute_saving'], 2)} | {_f(r['compute_saving_given_small'], 2)} | "
+                       f"{_f(r['loss_gap_at_equal_flops'], 4)} | {_f(r['final_loss_upscaled'], 4)} | "
+                       f"{_f(r['target_loss'], 4)} | {_f(r['copy_cosine_end'], 3)} |")
+    if an["seeds"]:
+        out += ["", "## Three seeds (mean ± sample std; n = seeds that reached the target)", "",
+                "| setting | compute saving | given small | loss gap at B's FLOPs |", "|---|---|---|---|"]
+        for key, st in an["seeds"].items():
+            cell = lambda d: ("not reached" if d["mean"] is None else  # noqa: E731
+                              f"{d['mean']:.3f} ± {_f(d['std'], 3)} (n={d['n']}/{d['of']})")
+            out.append(f"| {key} | {cell(st['compute_saving'])} | {cell(st['compute_saving_given_small'])} | "
+                       f"{cell(st['loss_gap_at_equal_flops'])} |")
+    return "\n".join(out) + "\n"
+
+
+def run_plan(runs: list[dict], workdir: str, workers: int, deadline: float, cap: float) -> list[dict]:
+    """Arm B runs first; then every A run is given the B run of its model and seed at B's best rate as
+    ``upscale.baseline`` (so it stops once it has reached B's final loss and spent B's FLOPs, or at ``cap``)."""
+    t0 = time.time()
+    rows = execute([r for r in runs if r["name"].startswith("B/")], workdir, workers, deadline)
+    best = analyze(rows)["best_lr"]
+    a_runs = []
+    for r in runs:
+        if r["name"].startswith("A/") and r["model"] in best:
+            seed = r["overrides"].get("seed", 0)
+            base = os.path.join(workdir, b_name(r["model"], best[r["model"]], seed).replace("/", "-").replace(" ", "_")
+                                .replace(">", ""))
+            if os.path.isdir(os.path.join(base, "b_scratch")):
+                a_runs.append({**r, "overrides": {**r["overrides"], "upscale.baseline": base, "upscale.cap": cap,
+                                                  "optim.lr": best[r["model"]]}})
+    left = deadline - (time.time() - t0) if deadline > 0 else 0.0
+    return execute(a_runs, workdir, workers, max(left, 1.0) if deadline > 0 else 0.0)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--scale", default="default", choices=("default", "reduced", "tiny"))
+    ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--deadline", type=float, default=0.0, help="seconds; runs not finished by then are cut")
+    ap.add_argument("--analyze-only", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated run-name prefixes to run (default: the whole plan)")
+    ap.add_argument("--cap", type=float, default=2.0, help="arm A's FLOPs cap in units of B's (upscale.cap)")
+    ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="arm B's learning rates")
+    args = ap.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    LRS[:] = [float(x) for x in args.lrs.split(",")]
+    if args.analyze_only:
+        with open(os.path.join(args.workdir, "sweep.json")) as f:
+            rows = json.load(f)["rows"]
+    else:
+        runs = plan(args.workdir, args.scale)
+        if args.only:  # in the order given
+            prefixes = args.only.split(",")
+            runs = [r for p in prefixes for r in runs if r["name"].startswith(p)]
+            runs = list({r["name"]: r for r in runs}.values())
+        rows = run_plan(runs, args.workdir, args.workers, args.deadline, args.cap)
+    an = analyze(rows)
+    with open(os.path.join(args.workdir, "analysis.json"), "w") as f:
+        json.dump(an, f, indent=1)
+    md = f"# Upscaling sweep ({args.scale})\n\n" + tables(an)
+    with open(os.path.join(args.workdir, "sweep.md"), "w") as f:
+        f.write(md)
+    print(md)
+    print(json.dumps({"benchmark": "upscale_sweep", "scale": args.scale, "runs": len(rows),
+                      "compared": len(an["results"])}))
+
+
+if __name__ == "__main__":
+    main()

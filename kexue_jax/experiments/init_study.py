@@ -1,0 +1,552 @@
+"""Does what post 8620 derives at step 0 decide what trains? A measured study (kexue.fm/archives/8620).
+
+``python train.py --config=configs/init_study.py[:tiny|:default|:full] --workdir=DIR``
+
+The post derives, at initialization, why attention needs 1/sqrt(d) (Var(q.k) = d), why Post-Norm
+x <- Norm(x + F(x)) weakens the identity path (x_0 weight 2^{-l/2}) and Pre-Norm x <- x + F(Norm x) does
+not, and recommends x <- x + alpha_t F(x) with alpha_t = min(1, t / T) not trained. This module trains
+narrow byte-level LMs on Shakespeare to see what those step-0 facts do to training. Sections (cells):
+
+* ``residual``   residual {post, pre, alpha, alpha_post, rezero, deepnorm} x depth x lr-warmup, at one
+                 learning rate chosen for Pre-LN (``study.lr``);
+* ``lr``         each residual's best of ``study.lrs`` at ``study.sweep_depths`` x ``study.sweep_warmups``
+                 (the base-lr cell counts as one of the three when its lr is in the list);
+* ``attention``  attn_scale {sqrt (1/sqrt d), none (standard init), t5 (none, q/k init var / sqrt d),
+                 mup (1/d)} x head size, with the attention entropy at init;
+* ``param``      parameterization {standard, ntk} x Adam lr (the post's "every parameter moves ~1% per step");
+* ``truncation`` second-moment init from a truncated normal with and without the 1.1368 std correction;
+* ``no_norm``    the alpha ramp (and ReZero) with no normalization layer at all, not even a final one.
+
+Every cell records: its settings; validation loss at fixed steps; ``diverged`` (a non-finite loss, or a
+final validation loss above the initial one); the gradient norm of every layer at ``study.grad_steps``;
+the alpha trajectory (ramp value, ReZero's learned scalars, DeepNorm's constant); the attention entropy
+at init for the attention cells. Cells are written one JSON each under ``DIR/cells/`` as they finish, so
+a rerun skips finished cells. Outputs: ``DIR/report.json`` (one record per run), ``DIR/table.md`` (a
+heat-map-style table: final loss per cell, "div" where it diverged) and ``DIR/loss_curves.png``.
+
+All cells of one architecture share one compiled step: the learning rate and its warmup length are
+traced arguments (lr_t = lr * warmup ramp * cosine decay, applied after ``training.make_optimizer``'s
+clip -> Adam -> decoupled decay chain built with a unit learning rate), and the alpha ramp
+alpha_t = ``norms.alpha_schedule(t, config.train.alpha_warmup_steps)`` is computed from the step
+counter inside the step: it is never a parameter and no gradient reaches it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import re
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from kexue_jax import config as config_lib
+from kexue_jax import training
+from kexue_jax.nn import Transformer, TransformerConfig, alpha_schedule
+from kexue_jax.nn import init as init_lib
+from kexue_jax.nn.attention import ATTN_SCALES
+from kexue_jax.nn.norms import RESIDUALS, deepnorm_alpha
+from kexue_jax.nn.transformer import PARAMETERIZATIONS
+
+SECTIONS = ("residual", "lr", "attention", "param", "truncation", "no_norm")
+NO_NORM_RESIDUALS = ("alpha", "rezero")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """One training run: a model, a peak learning rate, an lr-warmup length and its settings record."""
+
+    name: str
+    section: str
+    model: TransformerConfig
+    lr: float
+    warmup: int
+    truncation_correction: bool = True
+    entropy: bool = False  # record the attention entropy at init
+
+    @property
+    def settings(self) -> dict:
+        m = self.model
+        return dict(section=self.section, residual=m.residual, depth=m.num_layers, warmup=self.warmup,
+                    lr=self.lr, d_model=m.d_model, num_heads=m.num_heads, head_dim=m.head_dim,
+                    attn_scale=m.attn_scale, parameterization=m.parameterization, init_std=m.init_std,
+                    final_norm=m.has_final_norm, truncation_correction=self.truncation_correction)
+
+
+def _tag(x) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _cell(section: str, model: TransformerConfig, lr: float, warmup: int, **kw) -> Cell:
+    parts = [model.residual, f"L{model.num_layers}", f"w{warmup}", f"lr{_tag(lr)}"]
+    if model.attn_scale != "sqrt" or section == "attention":
+        parts.append(f"attn-{model.attn_scale}-h{model.num_heads}x{model.head_dim}-d{model.d_model}")
+    if model.parameterization != "standard":
+        parts.append(model.parameterization)
+    if not kw.get("truncation_correction", True):
+        parts.append("trunc-uncorrected")
+    if model.residual in NO_NORM_RESIDUALS and not model.has_final_norm:
+        parts.append("nonorm")
+    return Cell(name="_".join(parts), section=section, model=model, lr=float(lr), warmup=int(warmup), **kw)
+
+
+def validate(config) -> TransformerConfig:
+    """Check the ``study`` section (errors name the field and allowed values); returns the base model."""
+    base = config_lib.validate(config)  # one device: the cells are small; no mesh or batch split
+    s = config.study
+
+    def fail(field, allowed, got):
+        raise ValueError(f"config.study.{field} must be {allowed}, got {got!r}")
+
+    subsets = dict(sections=SECTIONS, residuals=RESIDUALS, attn_scales=ATTN_SCALES,
+                   parameterizations=PARAMETERIZATIONS, truncation_residuals=RESIDUALS,
+                   no_norm_residuals=NO_NORM_RESIDUALS)
+    for name, allowed in subsets.items():
+        if any(v not in allowed for v in s[name]):
+            fail(name, f"a subset of {allowed}", tuple(s[name]))
+    if s.attn_residual not in RESIDUALS:
+        fail("attn_residual", f"one of {RESIDUALS}", s.attn_residual)
+    for name in ("depths", "sweep_depths", "head_dims"):
+        if not s[name] or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in s[name]):
+            fail(name, "a non-empty tuple of positive integers", s[name])
+    for name in ("warmups", "sweep_warmups"):
+        if not s[name] or any(not isinstance(v, int) or not 0 <= v <= config.train.steps for v in s[name]):
+            fail(name, f"a non-empty tuple of integers in [0, train.steps={config.train.steps}]", s[name])
+    for name in ("lrs", "param_lrs"):
+        if not s[name] or any(not isinstance(v, (int, float)) or v <= 0 for v in s[name]):
+            fail(name, "a non-empty tuple of numbers > 0", s[name])
+    for name in ("attn_depth", "param_depth", "truncation_depth", "no_norm_depth", "attn_num_heads"):
+        if isinstance(s[name], bool) or not isinstance(s[name], int) or s[name] < 1:
+            fail(name, "a positive integer", s[name])
+    if not s.lr > 0:
+        fail("lr", "a number > 0", s.lr)
+    if any(not isinstance(t, int) or not 0 <= t <= config.train.steps for t in s.grad_steps):
+        fail("grad_steps", f"a tuple of integers in [0, train.steps={config.train.steps}]", s.grad_steps)
+    if base.init_std is not None:
+        raise ValueError("config.model.init_std must be None for this study (the post's second-moment init, "
+                         "where Var(q.k) = d at init); a fixed std such as 0.02 makes q.k tiny at any d")
+    if base.token_mixer != "attention" or base.position == "relative":
+        raise ValueError("config.model.token_mixer must be 'attention' and position not 'relative' here")
+    return base
+
+
+def grid(config, base: TransformerConfig) -> list[Cell]:
+    """The cells of ``config.study`` in run order: cheap and most informative first, so that a run cut
+    short (a shared CPU) still answers every claim at the shallowest depth and the main ones deeper:
+    every cell of the shallowest depth (residual, attention trigger case, parameterization), then the
+    no-warmup residual cells by depth, the no-norm goal, the lr-warmup cells by depth, the lr sweep and
+    the truncation cells. A cell asked for twice (e.g. the base-lr cell of the lr sweep) appears once,
+    under the first section that asks for it."""
+    s = config.study
+    lr0 = float(s.lr)
+    cells: list[Cell] = []
+
+    def add(cell: Cell):
+        if all(c.name != cell.name for c in cells):
+            cells.append(cell)
+
+    def residual_cells(warmups):
+        if "residual" in s.sections:
+            for depth in s.depths:
+                for res in s.residuals:
+                    for w in warmups:
+                        add(_cell("residual", base.replace(num_layers=depth, residual=res), lr0, w))
+
+    residual_cells([w for w in s.warmups if w == 0])
+    if "attention" in s.sections:
+        for hd in s.head_dims:
+            for scale in s.attn_scales:
+                m = base.replace(num_layers=s.attn_depth, head_dim=hd, num_heads=s.attn_num_heads,
+                                 attn_scale=scale, residual=s.attn_residual)
+                add(_cell("attention", m, lr0, s.attn_warmup, entropy=True))
+    if "no_norm" in s.sections:
+        for res in s.no_norm_residuals:
+            m = base.replace(num_layers=s.no_norm_depth, residual=res, final_norm=False)
+            add(_cell("no_norm", m, lr0, 0))
+    residual_cells([w for w in s.warmups if w != 0])
+    if "lr" in s.sections:
+        for depth in s.sweep_depths:
+            for res in s.residuals:
+                for w in s.sweep_warmups:
+                    for lr in s.lrs:
+                        add(_cell("lr", base.replace(num_layers=depth, residual=res), lr, w))
+    if "param" in s.sections:
+        for p in s.parameterizations:
+            for lr in s.param_lrs:
+                m = base.replace(num_layers=s.param_depth, residual="pre", parameterization=p)
+                add(_cell("param", m, lr, s.param_warmup))
+    if "truncation" in s.sections:
+        for res in s.truncation_residuals:
+            for corrected in (True, False):
+                m = base.replace(num_layers=s.truncation_depth, residual=res)
+                add(_cell("truncation", m, lr0, 0, truncation_correction=corrected))
+    shallow = min(c.model.num_layers for c in cells) if cells else 0
+    late = {"residual": 1, "no_norm": 2, "lr": 4, "truncation": 5}
+
+    def priority(c: Cell):
+        if c.model.num_layers == shallow or c.section in ("attention", "param"):
+            return (0, c.model.num_layers)
+        group = late[c.section] + (2 if c.section == "residual" and c.warmup else 0)
+        return (group, c.model.num_layers)
+
+    return sorted(cells, key=priority)  # stable: the section order above within a group
+
+
+# ------------------------------------------------------------------------------------------------
+# Training one cell.
+
+def lr_at(count, lr, warmup, total: int, min_lr_ratio: float):
+    """lr_t = lr * min(1, (t + 1) / warmup) * cosine decay to lr * min_lr_ratio at ``total`` (traced
+    ``lr`` and ``warmup``: cells that differ only in them share one compiled step). Same shape as
+    ``training.make_schedule`` (linear warmup, then cosine) with the warmup length as data."""
+    t = jnp.asarray(count, jnp.float32)
+    warmup = jnp.asarray(warmup, jnp.float32)
+    ramp = jnp.where(warmup > 0, jnp.minimum(1.0, (t + 1.0) / jnp.maximum(warmup, 1.0)), 1.0)
+    frac = jnp.clip((t - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    decay = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
+    return lr * ramp * jnp.where(t < warmup, 1.0, decay)
+
+
+def layer_grad_norms(grads, num_layers: int) -> jax.Array:
+    """[num_layers] L2 norm of each ``layer_i`` subtree of the gradient."""
+    return jnp.stack([optax.tree.norm(grads[f"layer_{i}"]) for i in range(num_layers)])
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(model_cfg: TransformerConfig, total: int, alpha_ramp: int, optim_key: tuple):
+    """(train step, eval step) for one architecture, jitted once; lr and warmup are arguments."""
+    optim = dict(optim_key)
+    unit = ml_collections.ConfigDict({**optim, "lr": 1.0, "warmup_steps": 0, "schedule": "constant"})
+    tx = training.make_optimizer(unit, total)
+    model = Transformer(model_cfg)
+
+    def mean_loss(params, batch, alpha):
+        s, c = training.loss_terms(model.apply({"params": params}, batch["inputs"], alpha=alpha), batch)
+        return s / c
+
+    def step(params, opt_state, batch, t, lr, warmup):
+        alpha = alpha_schedule(t, alpha_ramp)
+        loss, grads = jax.value_and_grad(mean_loss)(params, batch, alpha)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        rate = lr_at(t, lr, warmup, total, float(optim["min_lr_ratio"]))
+        params = optax.apply_updates(params, jax.tree_util.tree_map(lambda u: rate * u, updates))
+        return params, opt_state, loss, layer_grad_norms(grads, model_cfg.num_layers)
+
+    def evaluate(params, batch, t):
+        return training.loss_terms(model.apply({"params": params}, batch["inputs"],
+                                               alpha=alpha_schedule(t, alpha_ramp)), batch)
+
+    return tx, jax.jit(step, donate_argnums=(0, 1)), jax.jit(evaluate)
+
+
+def uncorrect_truncation(params):
+    """The params a hand-rolled ``std * truncated_normal(-2, 2)`` init would have given: every dense
+    kernel (sampled from the corrected truncated normal) times sqrt(gamma) = 0.8796 (post 8620: the
+    uncorrected sampler's variance is gamma std^2, gamma = 0.7737413)."""
+    shrink = math.sqrt(init_lib.truncated_normal_variance(2.0))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * shrink if getattr(path[-1], "key", None) == "kernel" else x, params)
+
+
+def attention_entropy(model_cfg: TransformerConfig, params, tokens) -> dict:
+    """Mean softmax entropy (nats) of the causal attention rows at init, per layer and overall, and the
+    uniform rows' mean entropy mean_i ln(i + 1) for comparison (post 8620's claim 4: near 0 when the
+    logits span +-3 sqrt(d))."""
+    _, aux = Transformer(model_cfg).apply({"params": params}, tokens, return_intermediates=True)
+    per_layer = []
+    for p in aux["attention"]:
+        p = p.astype(jnp.float32)
+        per_layer.append(float(jnp.mean(-jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0), axis=-1))))
+    n = tokens.shape[1]
+    return {"entropy_init": float(np.mean(per_layer)), "entropy_init_per_layer": per_layer,
+            "entropy_uniform": float(np.mean(np.log(np.arange(1, n + 1))))}
+
+
+def alpha_record(cell: Cell, params, t: int, ramp: int) -> Any:
+    """The residual scale at step t: the ramp value, ReZero's learned scalars, or DeepNorm's constant."""
+    res = cell.model.residual
+    if res in ("alpha", "alpha_post"):
+        return float(alpha_schedule(t, ramp))
+    if res == "rezero":
+        return [float(params[f"layer_{i}"]["rezero_alpha"]) for i in range(cell.model.num_layers)]
+    if res == "deepnorm":
+        return deepnorm_alpha(cell.model.num_layers)
+    return None
+
+
+def run_cell(cell: Cell, config, corpus, val_batches) -> dict:
+    """Train one cell for ``config.train.steps`` steps; returns its record (see module docstring)."""
+    c, s = config, config.study
+    total, ramp = int(c.train.steps), int(c.train.alpha_warmup_steps)
+    optim_key = tuple(sorted((k, v) for k, v in c.optim.items() if k not in ("lr", "warmup_steps", "schedule")))
+    tx, step_fn, eval_fn = _compiled(cell.model, total, ramp, optim_key)
+    start = time.time()
+    tokens = jnp.zeros((1, c.data.seq_len), jnp.int32)
+    params = Transformer(cell.model).init(jax.random.PRNGKey(int(c.seed)), tokens)["params"]  # eager: fast
+    if not cell.truncation_correction:
+        params = uncorrect_truncation(params)
+    record: dict[str, Any] = {"name": cell.name, **cell.settings, "steps": total, "alpha_ramp_steps": ramp,
+                              "val_loss": {}, "grad_norm_per_layer": {}, "alpha": {}}
+    if cell.entropy:
+        record.update(attention_entropy(cell.model, params, jnp.asarray(val_batches[0]["inputs"])))
+    opt_state = tx.init(params)
+    eval_steps = sorted(set(range(0, total + 1, int(c.train.eval_every))) | {total})
+    grad_steps = set(int(t) for t in s.grad_steps)
+
+    def evaluate(p, t) -> float:
+        tot = cnt = 0.0
+        for vb in val_batches:
+            a, b = eval_fn(p, vb, t)
+            tot, cnt = tot + float(a), cnt + float(b)
+        return tot / max(cnt, 1.0)
+
+    lr, warmup = jnp.float32(cell.lr), jnp.float32(cell.warmup)
+    diverged_at = None
+    train_losses = {}
+    for t in range(total + 1):
+        if t in eval_steps:
+            v = evaluate(params, t)
+            record["val_loss"][str(t)] = v
+            record["alpha"][str(t)] = alpha_record(cell, params, t, ramp)
+            if not math.isfinite(v):
+                diverged_at = t
+                break
+        if t == total:
+            break
+        batch = {k: jnp.asarray(v) for k, v in training.host_batch(corpus, c.data, t, int(c.seed)).items()}
+        params, opt_state, loss, norms = step_fn(params, opt_state, batch, jnp.int32(t), lr, warmup)
+        if t in grad_steps:
+            record["grad_norm_per_layer"][str(t)] = [float(x) for x in np.asarray(norms)]
+        if t % int(c.train.log_every) == 0:
+            train_losses[str(t)] = float(loss)
+            if not math.isfinite(train_losses[str(t)]):
+                diverged_at = t
+                break
+    vals = record["val_loss"]
+    initial = vals["0"]
+    final = vals.get(str(total), float("nan"))
+    record.update(
+        train_loss=train_losses, initial_val_loss=initial, final_val_loss=final,
+        best_val_loss=min((v for v in vals.values() if math.isfinite(v)), default=float("nan")),
+        diverged=bool(diverged_at is not None or not math.isfinite(final) or final > initial),
+        diverged_at=diverged_at, seconds=round(time.time() - start, 1))
+    return record
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports.
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+#: a run whose final loss is within this of the unigram cross-entropy learned nothing beyond byte frequencies
+UNIGRAM_MARGIN = 0.05
+
+
+def unigram_cross_entropy(train: np.ndarray, val: np.ndarray) -> float:
+    """Cross-entropy (nats/byte) of the validation bytes under the training bytes' frequencies (add-one
+    smoothed): the loss of a model that ignores its context, where a collapsed run gets stuck."""
+    n = int(max(train.max(), val.max())) + 1
+    counts = np.bincount(train, minlength=n).astype(np.float64) + 1.0
+    return float(-np.mean(np.log(counts / counts.sum())[val]))
+
+
+def _fmt(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if r["diverged"]:
+        return "div"
+    return f"{r['final_val_loss']:.3f}" + (" u" if r.get("at_unigram") else "")
+
+
+def best_of(records: list[dict], **match) -> dict | None:
+    """The record with the lowest final loss among non-diverged runs matching ``match`` (None if none;
+    a diverged run if all diverged)."""
+    rs = [r for r in records if all(r.get(k) == v for k, v in match.items())]
+    ok = [r for r in rs if not r["diverged"]]
+    return min(ok, key=lambda r: r["final_val_loss"]) if ok else (rs[0] if rs else None)
+
+
+def tables(records: list[dict], config) -> str:
+    """Markdown heat-map-style tables: final validation loss (nats/byte) per cell, "div" where it diverged."""
+    s, lr0 = config.study, float(config.study.lr)
+    unigram = next((r["unigram_val_loss"] for r in records if "unigram_val_loss" in r), float("nan"))
+    out = [f"Final validation loss (nats/byte) after {config.train.steps} steps; 'div' = diverged "
+           f"(non-finite or above its initial loss); 'u' = stuck at the unigram solution (within "
+           f"{UNIGRAM_MARGIN} of the byte-unigram cross-entropy {unigram:.3f}); '-' = not run."]
+    main = [r for r in records if r["section"] in ("residual", "lr", "truncation", "no_norm")
+            and r["attn_scale"] == "sqrt" and r["parameterization"] == "standard" and r["truncation_correction"]
+            and r["final_norm"] == TransformerConfig(residual=r["residual"]).has_final_norm]
+    if "residual" in s.sections:
+        cols = [(d, w) for d in s.depths for w in s.warmups]
+        out += ["", f"### Residual x depth x lr-warmup at lr {lr0:g} (chosen for Pre-LN)", "",
+                "| residual | " + " | ".join(f"L{d} w{w}" for d, w in cols) + " |",
+                "|---" * (len(cols) + 1) + "|"]
+        for res in s.residuals:
+            out.append(f"| {res} | " + " | ".join(
+                _fmt(best_of(main, residual=res, depth=d, warmup=w, lr=lr0)) for d, w in cols) + " |")
+    if "lr" in s.sections:
+        cols = [(d, w) for d in s.sweep_depths for w in s.sweep_warmups]
+        out += ["", f"### Best of lr {tuple(s.lrs)} (the winning lr in brackets)", "",
+                "| residual | " + " | ".join(f"L{d} w{w}" for d, w in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for res in s.residuals:
+            cells = []
+            for d, w in cols:
+                b = best_of([r for r in main if r["lr"] in tuple(s.lrs)], residual=res, depth=d, warmup=w)
+                cells.append("-" if b is None else f"{_fmt(b)} ({b['lr']:g})")
+            out.append(f"| {res} | " + " | ".join(cells) + " |")
+    att = [r for r in records if r["section"] == "attention"]
+    if att:
+        out += ["", f"### Attention scale x head size (depth {s.attn_depth}, residual {s.attn_residual}, "
+                    f"{s.attn_num_heads} head(s), d_model {att[0]['d_model']}): final loss "
+                    f"[attention entropy at init / uniform]", "",
+                "| attn_scale | " + " | ".join(f"head {d}" for d in s.head_dims) + " |",
+                "|---" * (len(s.head_dims) + 1) + "|"]
+        for scale in s.attn_scales:
+            row = []
+            for d in s.head_dims:
+                r = best_of(att, attn_scale=scale, head_dim=d)
+                row.append("-" if r is None else
+                           f"{_fmt(r)} [{r['entropy_init']:.2f} / {r['entropy_uniform']:.2f}]")
+            out.append(f"| {scale} | " + " | ".join(row) + " |")
+    par = [r for r in records if r["section"] == "param"]
+    if par:
+        out += ["", f"### Parameterization x Adam lr (depth {s.param_depth}, pre)", "",
+                "| parameterization | " + " | ".join(f"lr {lr:g}" for lr in s.param_lrs) + " |",
+                "|---" * (len(s.param_lrs) + 1) + "|"]
+        for p in s.parameterizations:
+            out.append(f"| {p} | " + " | ".join(_fmt(best_of(par, parameterization=p, lr=float(lr)))
+                                                for lr in s.param_lrs) + " |")
+    if "truncation" in s.sections:
+        out += ["", f"### Truncated-normal init at depth {s.truncation_depth} (lr {lr0:g}, no warmup)", "",
+                "| residual | corrected (x1.1368) | uncorrected |", "|---|---|---|"]
+        for res in s.truncation_residuals:
+            rs = [r for r in records if r["residual"] == res and r["depth"] == s.truncation_depth
+                  and r["warmup"] == 0 and r["lr"] == lr0 and r["final_norm"] ==
+                  TransformerConfig(residual=res).has_final_norm and r["attn_scale"] == "sqrt"
+                  and r["parameterization"] == "standard"]
+            out.append(f"| {res} | {_fmt(best_of(rs, truncation_correction=True))} | "
+                       f"{_fmt(best_of(rs, truncation_correction=False))} |")
+    nn_ = [r for r in records if r["section"] == "no_norm"]
+    if nn_:
+        ref = best_of([r for r in main if r["depth"] == s.no_norm_depth])  # any arm with a norm layer
+        out += ["", f"### No normalization layer at all, depth {s.no_norm_depth} (lr {lr0:g}, no warmup)", "",
+                "| arm | final loss | gap to the best normalized arm |", "|---|---|---|"]
+        for r in nn_:
+            gap = ("-" if ref is None or r["diverged"] or ref["diverged"]
+                   else f"{r['final_val_loss'] - ref['final_val_loss']:+.3f} (vs {ref['name']})")
+            out.append(f"| {r['residual']} (no norm) | {_fmt(r)} | {gap} |")
+    return "\n".join(out) + "\n"
+
+
+def plot(records: list[dict], config, path: str) -> bool:
+    """Validation-loss curves: one panel per depth of the residual section (lr-warmup 0 solid, the
+    longest dashed), one for the attention cells and one for the no-norm arms. False without matplotlib."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("matplotlib is not installed: no plot written")
+        return False
+    s, lr0 = config.study, float(config.study.lr)
+    panels = [(f"depth {d}, lr {lr0:g}", [r for r in records if r["section"] in ("residual", "truncation",
+                                                                                 "no_norm")
+                                        and r["depth"] == d and r["lr"] == lr0 and r["truncation_correction"]])
+              for d in s.depths]
+    panels.append(("attention scale x head size", [r for r in records if r["section"] == "attention"]))
+    panels.append(("parameterization x lr", [r for r in records if r["section"] == "param"]))
+    panels = [(t, rs) for t, rs in panels if rs]
+    if not panels:
+        return False
+    fig = Figure(figsize=(5.5 * len(panels), 4.5), dpi=90)
+    colors = dict(zip(RESIDUALS, ("C3", "C0", "C2", "C1", "C4", "C5")))
+    for i, (title, rs) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for j, r in enumerate(rs):
+            xs = sorted(int(k) for k in r["val_loss"])
+            ys = [r["val_loss"][str(x)] for x in xs]
+            if r["section"] in ("attention", "param"):
+                label = (f"{r['attn_scale']} hd{r['head_dim']}" if r["section"] == "attention"
+                         else f"{r['parameterization']} lr {r['lr']:g}")
+                ax.plot(xs, ys, color=f"C{j % 10}", label=label)
+            else:
+                label = f"{r['residual']} w{r['warmup']}" + ("" if r["final_norm"] or r["residual"] not in
+                                                             NO_NORM_RESIDUALS else " no-norm")
+                ax.plot(xs, ys, color=colors.get(r["residual"], "k"),
+                        linestyle="-" if r["warmup"] == 0 else "--", linewidth=2.5 if "no-norm" in label else 1.2,
+                        label=label)
+        finite = [v for r in rs for v in r["val_loss"].values() if math.isfinite(v)]
+        if finite:  # from the best loss up to 3 nats above it (the initial ~6 nats would flatten the rest)
+            ax.set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 3.0) + 0.05)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return True
+
+
+def run(config, workdir: str) -> dict:
+    """Run every cell of ``config.study`` not already in ``workdir/cells``; write the reports.
+    ``study.report_only``: run nothing, write the reports of the finished cells (e.g. while a run goes on)."""
+    base = validate(config)
+    cells = grid(config, base)
+    corpus = training.load_corpus(config.data)
+    host_val = training.eval_host_batches(corpus, config.data, config.train.eval_batches, int(config.seed))
+    val_batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in host_val]
+    unigram = unigram_cross_entropy(corpus.train, np.concatenate([b["targets"].ravel() for b in host_val]))
+    cell_dir = os.path.join(workdir, "cells")
+    os.makedirs(cell_dir, exist_ok=True)
+    print(f"init study: {len(cells)} cells, {config.train.steps} steps each, batch {config.data.batch_size} x "
+          f"{config.data.seq_len} bytes; workdir {workdir}", flush=True)
+    records = []
+    t0 = time.time()
+    for i, cell in enumerate(cells):
+        path = os.path.join(cell_dir, _safe(cell.name) + ".json")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                records.append(json.load(f))
+            continue
+        if config.study.report_only:
+            continue
+        rec = run_cell(cell, config, corpus, val_batches)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(rec, f)
+        os.replace(path + ".tmp", path)
+        records.append(rec)
+        write_reports(records, config, workdir, with_plot=False, unigram=unigram)  # a cut-short run keeps them
+        print(f"[{i + 1}/{len(cells)} {time.time() - t0:.0f}s] {cell.name}: final val {rec['final_val_loss']:.4f}"
+              f"{' DIVERGED' if rec['diverged'] else ''} ({rec['seconds']}s)", flush=True)
+    report = write_reports(records, config, workdir, with_plot=True, unigram=unigram)
+    print(report["table"], flush=True)
+    return report
+
+
+def write_reports(records: list[dict], config, workdir: str, *, with_plot: bool,
+                  unigram: float | None = None) -> dict:
+    """Write report.json (one record per run), table.md and (``with_plot``) loss_curves.png. With
+    ``unigram`` (``unigram_cross_entropy``), each record gets ``unigram_val_loss`` and ``at_unigram``."""
+    if unigram is not None:
+        for r in records:
+            r["unigram_val_loss"] = unigram
+            r["at_unigram"] = bool(not r["diverged"] and r["final_val_loss"] > unigram - UNIGRAM_MARGIN)
+    table = tables(records, config)
+    report = {"post": "kexue.fm/archives/8620", "config": config_lib.to_dict(config), "runs": records,
+              "table": table}
+    with open(os.path.join(workdir, "report.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    os.replace(os.path.join(workdir, "report.json.tmp"), os.path.join(workdir, "report.json"))
+    with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    if with_plot and plot(records, config, os.path.join(workdir, "loss_curves.png")):
+        print(f"wrote {os.path.join(workdir, 'loss_curves.png')}", flush=True)
+    return report

@@ -1,0 +1,426 @@
+"""Token mixers side by side (kexue.fm/archives/8431): quality, speed, length transfer and task transfer.
+
+``python train.py --config=configs/mixers.py[:tiny] --workdir=DIR`` or ``python -m kexue_jax.experiments.mixers
+--workdir DIR [--variant tiny]``.
+
+For every mixer of ``study.mixers`` (``attention`` is the reference):
+
+1. Parameters matched: ``d_ff`` is chosen so that the model's parameter count is closest to the reference's
+   (parameters are affine in d_ff); every arm trains on the same batches for the same steps (same tokens),
+   and its FLOPs per token (``kexue_jax.flops``, 6 x multiplications) are reported next to the losses.
+2. Pre-training on Shakespeare bytes: MLM (bidirectional) for every mixer, next-byte LM (causal) for those
+   with a causal form (``kexue_jax.nn.mixers.BIDIRECTIONAL_ONLY`` have none). Measured: validation loss
+   (nats per predicted byte), parameters, tokens/s of the jitted training step: right after each arm (median of
+   ``study.time_steps``) and, with ``study.speed_rounds`` > 0, best of that many rounds interleaved over all arms
+   (``tokens_per_s_interleaved``, robust to load from other processes; ``--speed-only`` re-measures it).
+3. Length transfer: the models trained at ``data.seq_len`` (128) evaluated at ``study.eval_lengths`` (64, 256).
+   n x n mixers use the leading block at 64 and raise at 256 (recorded as "raises", the post's claim 4).
+4. Task transfer (the author's central critique): a classifier of each spoken line's play genre (First Folio
+   labels of ``kexue_jax.analytic``; mean-pooled final states over the line's bytes + a linear layer) is
+   fine-tuned from the MLM encoder and, with the same budget, from scratch; test accuracy of both.
+
+Positions: ``attention`` uses RoPE, the other mixers none (their token matrices, kernels or DFT phases carry
+position; FNet and conv run at any length). Outputs in the workdir: ``results.json``, ``table.md``,
+``mixers.png`` and one sub-directory per pre-training arm (metrics, checkpoints: a killed study resumes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from kexue_jax.experiments import analytic  # GENRES, FOLIO_GENRE, spoken_lines
+from kexue_jax import config as config_lib
+from kexue_jax import data as data_lib
+from kexue_jax import flops as flops_lib
+from kexue_jax import training
+from kexue_jax.nn import Transformer, TransformerConfig
+from kexue_jax.nn.mixers import BIDIRECTIONAL_ONLY, MIXERS
+
+ALL_MIXERS = ("attention",) + MIXERS
+OBJECTIVES = ("mlm", "lm")
+
+
+# ------------------------------------------------------------------------------------------------
+# Models at matched parameter count.
+
+def param_count(cfg: TransformerConfig) -> int:
+    shapes = jax.eval_shape(lambda key: Transformer(cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"],
+                            jax.random.PRNGKey(0))
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)))
+
+
+def match_d_ff(cfg: TransformerConfig, target: int, multiple: int = 8) -> int:
+    """The d_ff (a multiple of ``multiple``, >= multiple) whose parameter count is closest to ``target``:
+    the count is affine in d_ff, so two evaluations give it."""
+    a, b = param_count(cfg.replace(d_ff=multiple)), param_count(cfg.replace(d_ff=2 * multiple))
+    per = (b - a) / multiple
+    best = multiple + (target - a) / per if per > 0 else multiple
+    return max(multiple, int(round(best / multiple)) * multiple)
+
+
+def mixer_config(base: TransformerConfig, mixer: str, objective: str, target_params: int | None) -> TransformerConfig:
+    """The study's model for ``mixer`` and ``objective``: causal for LM, bidirectional for MLM; RoPE for
+    attention, no position embedding otherwise; d_ff matched to ``target_params`` (None: base d_ff)."""
+    if mixer not in ALL_MIXERS:
+        raise ValueError(f"config.study.mixers entries must be in {ALL_MIXERS}, got {mixer!r}")
+    cfg = base.replace(token_mixer=mixer, mask="causal" if objective == "lm" else "bidirectional",
+                       position="rope" if mixer == "attention" else "none")
+    return cfg if target_params is None else cfg.replace(d_ff=match_d_ff(cfg, target_params))
+
+
+def arms(study) -> list[tuple[str, str]]:
+    """(mixer, objective) pairs the study trains: MLM for all, LM where the mixer has a causal form."""
+    out = []
+    for objective in study.objectives:
+        for mixer in study.mixers:
+            if objective == "lm" and mixer in BIDIRECTIONAL_ONLY:
+                continue
+            out.append((mixer, objective))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Pre-training, speed and length transfer.
+
+def _arm_config(config, objective: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.objective = objective
+    c.experiment = "lm"
+    return c
+
+
+def tokens_per_second(model: Transformer, tx, state, batch, steps: int) -> float:
+    """Median tokens/s of the jitted training step over ``steps`` timed steps (after one warm-up)."""
+    step = jax.jit(training.make_train_step(model, tx))
+    state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, m = step(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    return float(batch["inputs"].size / np.median(times))
+
+
+def interleaved_speed(config, base: TransformerConfig, target: int, rounds: int) -> dict:
+    """Tokens/s of every arm's training step measured in interleaved rounds (best of ``rounds``), so that load
+    from other processes hits all mixers alike: {"mixer/objective": tokens/s}."""
+    c = _arm_config(config, "mlm")
+    steps = {}
+    for mixer, objective in arms(config.study):
+        cfg = mixer_config(base, mixer, objective, target)
+        c.data.objective = objective
+        batch = {k: jnp.asarray(v) for k, v in training.host_batch(load_corpus_cached(config), c.data, 0, 0).items()}
+        tx = training.make_optimizer(c.optim, c.train.steps)
+        model = Transformer(cfg)
+        state = training.init_state(model, tx, jax.random.PRNGKey(0), c.data.seq_len)
+        step = jax.jit(training.make_train_step(model, tx))
+        jax.block_until_ready(step(state, batch))
+        steps[f"{mixer}/{objective}"] = (step, state, batch)
+    best = {name: math.inf for name in steps}
+    for _ in range(rounds):
+        for name, (step, state, batch) in steps.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(step(state, batch))
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return {name: float(steps[name][2]["inputs"].size / t) for name, t in best.items()}
+
+
+_CORPUS: dict = {}
+
+
+def load_corpus_cached(config):
+    key = (config.data.path, config.data.val_fraction, config.data.split_seed, config.data.seq_len)
+    if key not in _CORPUS:
+        _CORPUS[key] = training.load_corpus(config.data)
+    return _CORPUS[key]
+
+
+def eval_loss(cfg: TransformerConfig, params, corpus, data_cfg, seq_len: int, num_batches: int, seed: int):
+    """Validation loss at ``seq_len`` (nats per predicted byte), or the error message when the mixer cannot
+    take that length (n x n parameters beyond max_len)."""
+    d = ml_collections.ConfigDict(data_cfg.to_dict())
+    d.seq_len = seq_len
+    batches = training.eval_host_batches(corpus, d, num_batches, seed)
+    step = jax.jit(training.make_eval_step(Transformer(cfg)))
+    tot = cnt = 0.0
+    try:
+        for b in batches:
+            s, n = step(params, {k: jnp.asarray(v) for k, v in b.items()})
+            tot, cnt = tot + float(s), cnt + float(n)
+    except ValueError as e:
+        if "max_len" not in str(e):
+            raise
+        return "raises"
+    return tot / max(cnt, 1.0)
+
+
+def pretrain(config, cfg: TransformerConfig, objective: str, workdir: str, corpus, mesh) -> dict:
+    """Train one arm with ``training.run_phase``; return its measurements and parameters."""
+    c = _arm_config(config, objective)
+    tx = training.make_optimizer(c.optim, c.train.steps)
+    model = Transformer(cfg)
+    phase = training.Phase(model_cfg=cfg, tx=tx, start=0, end=c.train.steps, workdir=workdir,
+                           init=lambda key: training.init_state(model, tx, key, c.data.seq_len),
+                           name=f"{cfg.token_mixer}/{objective}")
+    t0 = time.perf_counter()
+    result = training.run_phase(phase, c, corpus, mesh)
+    wall = time.perf_counter() - t0
+    batch = {k: jnp.asarray(v) for k, v in training.host_batch(corpus, c.data, 0, int(c.seed)).items()}
+    speed = tokens_per_second(model, tx, jax.device_get(result.state), batch, config.study.time_steps)
+    seq = c.data.seq_len
+    out = {"mixer": cfg.token_mixer, "objective": objective, "params": param_count(cfg), "d_ff": cfg.d_ff,
+           "flops_per_token": flops_lib.training_flops(cfg, seq, 1) / seq, "tokens_per_s": speed,
+           "wall_s": wall, "val_loss": result.history[-1]["val_loss"],
+           "curve": [(h["step"], h["val_loss"]) for h in result.history]}
+    for length in config.study.eval_lengths:
+        out[f"val_loss_at_{length}"] = eval_loss(cfg, result.state.params, corpus, c.data, length,
+                                                 config.train.eval_batches, int(c.seed))
+    return out, result.state.params
+
+
+# ------------------------------------------------------------------------------------------------
+# Task transfer: genre of a line.
+
+def genre_lines(study, seed: int) -> dict:
+    """Spoken lines (bytes, PAD-padded/cropped to ``study.ft_seq_len``), First Folio genre labels; a seeded
+    split of ``ft_train_lines`` / ``ft_test_lines`` lines (as the analytic experiment: all plays)."""
+    plays = data_lib.load_plays()
+    texts, labels = [], []
+    for play in plays:
+        lines = analytic.spoken_lines(play.text)
+        texts += lines
+        labels += [analytic.GENRES.index(analytic.FOLIO_GENRE[play.name])] * len(lines)
+    order = np.random.default_rng(seed).permutation(len(texts))
+    n_tr, n_te = study.ft_train_lines, study.ft_test_lines
+    if n_tr + n_te > len(texts):
+        raise ValueError(f"config.study.ft_train_lines + ft_test_lines must be <= {len(texts)} lines")
+    length = study.ft_seq_len
+
+    def encode(idx):
+        ids = np.full((len(idx), length), data_lib.PAD, np.int32)
+        real = np.zeros((len(idx), length), np.float32)
+        for r, i in enumerate(idx):
+            b = data_lib.encode(texts[i])[:length]
+            ids[r, :len(b)], real[r, :len(b)] = b, 1.0
+        return ids, real, np.asarray([labels[i] for i in idx], np.int32)
+
+    tr, te = encode(order[:n_tr]), encode(order[n_tr:n_tr + n_te])
+    return {"train": tr, "test": te, "majority": float(np.mean(te[2] == np.bincount(tr[2]).argmax()))}
+
+
+def finetune(cfg: TransformerConfig, encoder_params, data: dict, study, key) -> float:
+    """Fine-tune mean-pooled encoder + linear classifier (3 genres) for ``ft_steps``; test accuracy.
+    ``encoder_params`` None: the encoder starts from its random init (the scratch arm)."""
+    enc_cfg = cfg.replace(head="none")
+    model = Transformer(enc_cfg)
+    k_init, k_cls = jax.random.split(key)
+    if encoder_params is None:
+        encoder_params = model.init(k_init, jnp.zeros((1, study.ft_seq_len), jnp.int32))["params"]
+    num = len(analytic.GENRES)
+    params = {"encoder": encoder_params,
+              "cls": {"kernel": jax.random.normal(k_cls, (cfg.d_model, num)) / math.sqrt(cfg.d_model),
+                      "bias": jnp.zeros((num,))}}
+
+    def logits_fn(p, ids, real):
+        h = model.apply({"params": p["encoder"]}, ids)
+        pooled = jnp.sum(h * real[..., None], 1) / jnp.maximum(jnp.sum(real, 1, keepdims=True), 1.0)
+        return pooled @ p["cls"]["kernel"] + p["cls"]["bias"]
+
+    def loss_fn(p, ids, real, y):
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, ids, real), y))
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, study.ft_lr, max(1, study.ft_steps // 10), study.ft_steps)
+    tx = optax.adamw(sched, weight_decay=0.01)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(p, o, ids, real, y):
+        g = jax.grad(loss_fn)(p, ids, real, y)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o
+
+    ids, real, y = data["train"]
+    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 30)))
+    for _ in range(study.ft_steps):
+        idx = rng.integers(0, len(y), study.ft_batch)
+        params, opt = step(params, opt, ids[idx], real[idx], y[idx])
+    predict = jax.jit(lambda p, i, r: jnp.argmax(logits_fn(p, i, r), -1))
+    ti, tr, ty = data["test"]
+    correct = 0
+    for s in range(0, len(ty), 256):
+        correct += int(np.sum(np.asarray(predict(params, ti[s:s + 256], tr[s:s + 256])) == ty[s:s + 256]))
+    return correct / len(ty)
+
+
+# ------------------------------------------------------------------------------------------------
+# The study.
+
+def validate(config) -> TransformerConfig:
+    """Check the study's config before anything is read or compiled; returns the base model config."""
+    base = config_lib.validate(_arm_config(config, "mlm"))
+    s = config.study
+    for m in s.mixers:
+        if m not in ALL_MIXERS:
+            raise ValueError(f"config.study.mixers entries must be in {ALL_MIXERS}, got {m!r}")
+    for o in s.objectives:
+        if o not in OBJECTIVES:
+            raise ValueError(f"config.study.objectives entries must be in {OBJECTIVES}, got {o!r}")
+    if s.reference not in ALL_MIXERS:
+        raise ValueError(f"config.study.reference must be one of {ALL_MIXERS}, got {s.reference!r}")
+    for name in ("ft_steps", "ft_batch", "ft_seq_len", "ft_train_lines", "ft_test_lines", "time_steps"):
+        if not isinstance(s[name], int) or s[name] < 1:
+            raise ValueError(f"config.study.{name} must be a positive integer, got {s[name]!r}")
+    if s.ft_seq_len > base.max_len:
+        raise ValueError(f"config.study.ft_seq_len must be <= model.max_len={base.max_len}")
+    for m in s.mixers:  # every model the study builds must be a valid config
+        for o in s.objectives:
+            if not (o == "lm" and m in BIDIRECTIONAL_ONLY):
+                mixer_config(base, m, o, None)
+    return base
+
+
+def run(config, workdir: str) -> dict:
+    """Run the whole study (see the module docstring); returns and writes the results."""
+    base = validate(config)
+    study = config.study
+    os.makedirs(workdir, exist_ok=True)
+    corpus = load_corpus_cached(config)
+    mesh = training.build_mesh(config)
+    target = param_count(mixer_config(base, study.reference, "mlm", None))
+    results: dict = {"reference": study.reference, "target_params": target, "seq_len": config.data.seq_len,
+                     "arms": [], "transfer": []}
+    data = genre_lines(study, int(config.seed)) if study.ft_steps else None
+    if data is not None:
+        results["majority"] = data["majority"]
+    for mixer, objective in arms(study):
+        cfg = mixer_config(base, mixer, objective, target)
+        print(f"== {mixer} / {objective}: d_ff {cfg.d_ff}, {param_count(cfg):,} params", flush=True)
+        row, params = pretrain(config, cfg, objective, os.path.join(workdir, f"{mixer}_{objective}"), corpus, mesh)
+        results["arms"].append(row)
+        if objective == "mlm" and data is not None:  # task transfer right away: partial runs keep it
+            key = jax.random.PRNGKey(int(config.seed) + 11)
+            pre, scratch = finetune(cfg, params, data, study, key), finetune(cfg, None, data, study, key)
+            results["transfer"].append({"mixer": mixer, "pretrained": pre, "scratch": scratch})
+            print(f"   genre accuracy {mixer}: pre-trained {pre:.4f}, scratch {scratch:.4f}", flush=True)
+        _write(results, workdir)
+    if study.speed_rounds:
+        add_speed(results, config, base, target)
+    _write(results, workdir, final=True)
+    return results
+
+
+def add_speed(results: dict, config, base: TransformerConfig, target: int) -> None:
+    """Put the interleaved tokens/s of every arm into ``results`` (``tokens_per_s_interleaved``)."""
+    speed = interleaved_speed(config, base, target, config.study.speed_rounds)
+    for row in results["arms"]:
+        row["tokens_per_s_interleaved"] = speed.get(f"{row['mixer']}/{row['objective']}")
+
+
+def _fmt(v, spec=".3f"):
+    return v if isinstance(v, str) else format(v, spec)
+
+
+def table(results: dict) -> str:
+    """The markdown table of the study."""
+    lengths = sorted({int(k.rsplit("_", 1)[1]) for r in results["arms"] for k in r if k.startswith("val_loss_at_")})
+    head = (f"| mixer | objective | params | d_ff | MFLOPs/token (train) | tokens/s | "
+            f"val loss @{results.get('seq_len', 128)} | "
+            + " | ".join(f"@{n}" for n in lengths) + " |")
+    lines = [head, "|" + "---|" * (7 + len(lengths))]
+    for r in results["arms"]:
+        lines.append(f"| {r['mixer']} | {r['objective']} | {r['params']:,} | {r['d_ff']} | "
+                     f"{r['flops_per_token'] / 1e6:.2f} | {r.get('tokens_per_s_interleaved') or r['tokens_per_s']:.0f} | {r['val_loss']:.3f} | "
+                     + " | ".join(_fmt(r.get(f'val_loss_at_{n}', '-')) for n in lengths) + " |")
+    if results.get("transfer"):
+        lines += ["", f"Genre of a line (3 classes, majority {results['majority']:.3f}), test accuracy:", "",
+                  "| mixer | from MLM pre-training | from scratch | gain |", "|---|---|---|---|"]
+        for t in results["transfer"]:
+            lines.append(f"| {t['mixer']} | {t['pretrained']:.3f} | {t['scratch']:.3f} | "
+                         f"{t['pretrained'] - t['scratch']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(results: dict, workdir: str, final: bool = False) -> None:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(workdir, "table.md"), "w") as f:
+        f.write(table(results))
+    if final:
+        print(table(results), flush=True)
+        plot(results, os.path.join(workdir, "mixers.png"))
+
+
+def plot(results: dict, out: str) -> bool:
+    """Validation loss against tokens/s (both objectives) and the transfer gain per mixer."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for objective, marker in (("mlm", "o"), ("lm", "s")):
+        rows = [r for r in results["arms"] if r["objective"] == objective]
+        speed = [r.get("tokens_per_s_interleaved") or r["tokens_per_s"] for r in rows]
+        axes[0].scatter(speed, [r["val_loss"] for r in rows], marker=marker,
+                        label=objective)
+        for r, v in zip(rows, speed):
+            axes[0].annotate(r["mixer"], (v, r["val_loss"]), fontsize=7)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("training tokens/s (log scale)")
+    axes[0].set_ylabel("validation loss (nats/byte) at length 128")
+    axes[0].legend()
+    if results.get("transfer"):
+        names = [t["mixer"] for t in results["transfer"]]
+        x = np.arange(len(names))
+        axes[1].bar(x - 0.2, [t["pretrained"] for t in results["transfer"]], 0.4, label="from MLM")
+        axes[1].bar(x + 0.2, [t["scratch"] for t in results["transfer"]], 0.4, label="scratch")
+        axes[1].axhline(results["majority"], color="k", lw=0.8, ls="--", label="majority")
+        axes[1].set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        accs = [t[k] for t in results["transfer"] for k in ("pretrained", "scratch")] + [results["majority"]]
+        axes[1].set_ylim(min(accs) - 0.03, max(accs) + 0.03)
+        axes[1].set_ylabel("genre test accuracy")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kexue_jax.experiments.mixers", description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--variant", default="default", help="configs/mixers.py variant (tiny, default, gpu)")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="only (re)measure the interleaved tokens/s into an existing WORKDIR/results.json")
+    args = parser.parse_args(argv)
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "mixers.py")
+    spec = importlib.util.spec_from_file_location("mixers_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(args.variant)
+    if args.speed_only:
+        base = validate(config)
+        with open(os.path.join(args.workdir, "results.json")) as f:
+            results = json.load(f)
+        add_speed(results, config, base, results["target_params"])
+        _write(results, args.workdir, final=True)
+        return 0
+    run(config, args.workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

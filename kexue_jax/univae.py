@@ -1,0 +1,502 @@
+"""UniVAE: a single-Transformer, multi-scale sentence VAE (kexue.fm/archives/8475).
+
+One Transformer reads ``[x; x]`` (the source and a copy of it, the target), segment ids ``[0]*S + [1]*S``.
+The first ``L - n_latent`` layers use the *independent* mask (source bidirectional in itself, target causal
+in itself, no crossing); the top ``n_latent`` layers use the *UniAE* mask (independent plus key 0, the
+source [CLS], for every query), so in those layers the target sees the source only through position 0.
+Before each latent layer l:
+
+    mu_l = normalize(Dense_in,l(h_l[:, 0]))                 (a point on S^{z_dim - 1})
+    z_l  ~ vMF(mu_l, kappa)   (train)  |  = mu_l (encode)  |  given (decode)
+    h_l[:, 0] <- Dense_out,l(z_l)
+
+Later mu's are computed after the earlier latents were injected (hierarchical encoder). With kappa fixed,
+KL(vMF(mu, kappa) || uniform) is a constant, so the loss is the target-half next-token cross-entropy only
+(no KL term): the model is an autoencoder with noisy spherical codes, and the prior is uniform on each
+sphere.
+
+Layout (fixed length, the post's first remedy for "length leakage"): a line is ``[CLS] bytes [SEP]`` padded
+with PAD to ``src_len`` = S; the target starts at position S. Loss (``loss``): predictions made at target
+positions S + j (j = 0 .. S-2) of the target token j + 1, weighted 1 where that token is a real token
+(bytes and [SEP]) and 0 where it is PAD. Decision: the post's code also trains the PAD predictions after
+[SEP] (its weight is the segment id); we exclude them, since decoding stops at [SEP] and PAD targets
+would only dilute the loss. Padding keys (PAD) are masked, as in the post.
+
+Decoding never needs the source tokens: under the masks a target query sees the source only at key 0
+in the latent layers, whose hidden state is Dense_out,l(z_l). So the decoder input is ``[CLS] + target``
+with positions ``[0, S, S+1, ...]`` and segments ``[0, 1, 1, ...]``, and its logits equal those of the
+full ``[x; x]`` layout (tested). ``decode`` uses a KV cache (``kexue_jax.nn.transformer.init_cache``):
+slot 0 is filled once from z (all layers), then one target token per step.
+
+vMF sampling (``vmf_sample``): Wood (1994) rejection sampler for w = <z, mu>, density proportional to
+exp(kappa w) (1 - w^2)^((d-3)/2) on (-1, 1), run under ``lax.while_loop`` (exact for any d and kappa >= 0),
+then z = w mu + sqrt(1 - w^2) nu, nu uniform on the tangent sphere (post 8404; the post's code uses a table
+of 10^7 inverse-CDF quantiles instead).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from kexue_jax.nn import init as initializers
+from kexue_jax.nn.transformer import Transformer, TransformerConfig, init_cache
+
+Array = jax.Array
+METHODS = ("greedy", "beam", "sample")
+
+
+@dataclasses.dataclass(frozen=True)
+class UniVAEConfig:
+    """The Transformer plus the latent path. ``model.layer_masks`` is set by ``transformer_config``."""
+
+    model: TransformerConfig
+    n_latent: int = 4
+    z_dim: int = 16
+    kappa: float = 32.0
+    src_len: int = 32
+    cls_id: int = 258
+    sep_id: int = 259
+    pad_id: int = 256
+
+    def __post_init__(self):
+        m = self.model
+        for name in ("n_latent", "z_dim", "src_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"UniVAEConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_latent >= m.num_layers:
+            raise ValueError(f"UniVAEConfig.n_latent must be < model.num_layers={m.num_layers} (layer 0's [CLS] "
+                             f"is a constant embedding, useless as a code), got {self.n_latent}")
+        if not (isinstance(self.kappa, (int, float)) and self.kappa >= 0):
+            raise ValueError(f"UniVAEConfig.kappa must be a number >= 0, got {self.kappa!r}")
+        if self.src_len < 3:
+            raise ValueError(f"UniVAEConfig.src_len must be >= 3 ([CLS] x [SEP]), got {self.src_len}")
+        if m.position == "learned" and 2 * self.src_len > m.max_len:
+            raise ValueError(f"model.max_len must be >= 2 * src_len = {2 * self.src_len} with learned positions, "
+                             f"got {m.max_len}")
+        if m.token_mixer != "attention" or m.position == "relative":
+            raise ValueError("UniVAE needs model.token_mixer='attention' (the masks) and position in "
+                             f"('learned', 'rope', 'none'), got {m.token_mixer!r} / {m.position!r}")
+        if m.type_vocab_size == 1:
+            raise ValueError("model.type_vocab_size must be 0 or >= 2 (segments 0 and 1), got 1")
+        for name in ("cls_id", "sep_id", "pad_id"):
+            v = getattr(self, name)
+            if not 0 <= v < m.vocab_size:
+                raise ValueError(f"UniVAEConfig.{name} must be a token id in [0, {m.vocab_size}), got {v}")
+
+    @property
+    def latent_layers(self) -> tuple[int, ...]:
+        """Indices of the layers that carry a latent: the top n_latent ones."""
+        return tuple(range(self.model.num_layers - self.n_latent, self.model.num_layers))
+
+    def replace(self, **changes) -> "UniVAEConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def layer_masks(num_layers: int, n_latent: int) -> tuple[str, ...]:
+    """'independent' for layers l < L - n_latent, 'uniae' above (the post's schedule)."""
+    return ("independent",) * (num_layers - n_latent) + ("uniae",) * n_latent
+
+
+def transformer_config(cfg: UniVAEConfig) -> TransformerConfig:
+    return cfg.model.replace(layer_masks=layer_masks(cfg.model.num_layers, cfg.n_latent))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameters.
+
+def init(key, cfg: UniVAEConfig) -> dict:
+    """{"transformer": Transformer params, "latent": {layer_l: {in: Dense d->z, out: Dense z->d}}}.
+
+    Dense kernels: truncated normal with the model's init_std (bert4keras's default, std 0.02), or LeCun
+    (variance 1/fan_in) when ``init_std`` is None; zero biases."""
+    k_model, k_lat = jax.random.split(key)
+    tcfg = transformer_config(cfg)
+    s = cfg.src_len
+    tokens = jnp.zeros((1, 2 * s), jnp.int32)
+    params = Transformer(tcfg).init(k_model, tokens, segment_ids(1, s))["params"]
+    d, z = tcfg.d_model, cfg.z_dim
+    pdt = tcfg.param_jnp_dtype
+    latent = {}
+    for l, k in zip(cfg.latent_layers, jax.random.split(k_lat, cfg.n_latent)):
+        ki, ko = jax.random.split(k)
+        init_in = (initializers.truncated_normal(tcfg.init_std) if tcfg.init_std else
+                   initializers.normal(1.0 / math.sqrt(d)))
+        init_out = (initializers.truncated_normal(tcfg.init_std) if tcfg.init_std else
+                    initializers.normal(1.0 / math.sqrt(z)))
+        latent[f"layer_{l}"] = {"in": {"kernel": init_in(ki, (d, z), pdt), "bias": jnp.zeros((z,), pdt)},
+                                "out": {"kernel": init_out(ko, (z, d), pdt), "bias": jnp.zeros((d,), pdt)}}
+    return {"transformer": params, "latent": latent}
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def latent_mean(p_layer, h0):
+    """mu_l = normalize(h_l[:, 0] W_in + b_in): [B, d_model] -> [B, z_dim] on the unit sphere."""
+    x = h0.astype(jnp.float32) @ p_layer["in"]["kernel"].astype(jnp.float32) + p_layer["in"]["bias"]
+    return l2_normalize(x)
+
+
+def latent_out(p_layer, z):
+    """Dense_out,l(z_l): [B, z_dim] -> [B, d_model], written into position 0 before layer l."""
+    return z.astype(jnp.float32) @ p_layer["out"]["kernel"].astype(jnp.float32) + p_layer["out"]["bias"]
+
+
+# ------------------------------------------------------------------------------------------------
+# von Mises-Fisher sampling (Wood 1994).
+
+def _vmf_w(key, kappa, d: int):
+    """One draw of w = <z, mu> for vMF(mu, kappa) on S^{d-1}: Wood's rejection sampler in a while_loop.
+
+    b = (d-1) / (2 kappa + sqrt(4 kappa^2 + (d-1)^2)), x0 = (1-b)/(1+b), c = kappa x0 + (d-1) log(1-x0^2);
+    repeat Z ~ Beta((d-1)/2, (d-1)/2), U ~ U(0,1), W = (1 - (1+b) Z) / (1 - (1-b) Z) until
+    kappa W + (d-1) log(1 - x0 W) - c >= log U. kappa = 0 accepts at once with W = 1 - 2Z (uniform)."""
+    kappa = jnp.asarray(kappa, jnp.float32)
+    m1 = jnp.float32(d - 1)
+    b = m1 / (2.0 * kappa + jnp.sqrt(4.0 * kappa ** 2 + m1 ** 2))
+    x0 = (1.0 - b) / (1.0 + b)
+    c = kappa * x0 + m1 * jnp.log1p(-x0 ** 2)
+
+    def cond(state):
+        return ~state[2]
+
+    def body(state):
+        key, _, _ = state
+        key, kz, ku = jax.random.split(key, 3)
+        zb = jax.random.beta(kz, m1 / 2.0, m1 / 2.0)
+        u = jax.random.uniform(ku, minval=jnp.finfo(jnp.float32).tiny)
+        w = (1.0 - (1.0 + b) * zb) / (1.0 - (1.0 - b) * zb)
+        ok = kappa * w + m1 * jnp.log1p(-jnp.minimum(x0 * w, 1.0 - 1e-7)) - c >= jnp.log(u)
+        return key, w, ok
+
+    _, w, _ = jax.lax.while_loop(cond, body, (key, jnp.float32(0.0), jnp.bool_(False)))
+    return w
+
+
+def vmf_sample(key, mu, kappa):
+    """z ~ vMF(mu, kappa) for unit mu [..., d] (any d >= 2, kappa >= 0 scalar): exact, jittable, vmappable.
+
+    z = w mu + sqrt(1 - w^2) nu, w from Wood's sampler (``_vmf_w``), nu = normalize(e - <e, mu> mu),
+    e ~ N(0, I). Gradients flow to mu (w does not depend on mu: kappa is fixed, kexue.fm/archives/8404)."""
+    mu = jnp.asarray(mu)
+    d = mu.shape[-1]
+    if d < 2:
+        raise ValueError(f"vmf_sample needs dimension d >= 2, got mu.shape={mu.shape}")
+    batch = mu.shape[:-1]
+    k_w, k_e = jax.random.split(key)
+    n = math.prod(batch)
+    w = jax.vmap(lambda k: _vmf_w(k, kappa, d))(jax.random.split(k_w, max(n, 1)))[:n].reshape(batch)
+    w = jax.lax.stop_gradient(w)[..., None]
+    mu32 = mu.astype(jnp.float32)
+    e = jax.random.normal(k_e, mu.shape, jnp.float32)
+    nu = l2_normalize(e - jnp.sum(e * mu32, -1, keepdims=True) * mu32)
+    return l2_normalize(w * mu32 + jnp.sqrt(jnp.maximum(1.0 - w ** 2, 0.0)) * nu).astype(mu.dtype)
+
+
+def vmf_mean_cosine(kappa: float, d: int) -> float:
+    """E[<z, mu>] under vMF(mu, kappa) on S^{d-1}: A_d(kappa) = I_{d/2}(kappa) / I_{d/2-1}(kappa) (scipy)."""
+    from scipy.special import ive  # noqa: PLC0415 (optional, for checks)
+
+    return 0.0 if kappa == 0 else float(ive(d / 2, kappa) / ive(d / 2 - 1, kappa))
+
+
+def sample_prior(key, cfg: UniVAEConfig, n: int):
+    """z uniform on each sphere: normalize(N(0, I)) per layer, [n, n_latent, z_dim] (the post's sampling)."""
+    return l2_normalize(jax.random.normal(key, (n, cfg.n_latent, cfg.z_dim), jnp.float32))
+
+
+def slerp(a, b, t):
+    """Spherical interpolation of unit vectors a, b [..., d] at t in [0, 1] (linear when they coincide)."""
+    cos = jnp.clip(jnp.sum(a * b, -1, keepdims=True), -1.0, 1.0)
+    omega = jnp.arccos(cos)
+    so = jnp.sin(omega)
+    safe = so > 1e-6
+    wa = jnp.where(safe, jnp.sin((1 - t) * omega) / jnp.where(safe, so, 1.0), 1 - t)
+    wb = jnp.where(safe, jnp.sin(t * omega) / jnp.where(safe, so, 1.0), t)
+    return l2_normalize(wa * a + wb * b)
+
+
+def interpolate(z_a, z_b, steps: int):
+    """Slerp per latent layer from z_a to z_b ([n_latent, z_dim] each): [steps, n_latent, z_dim]."""
+    if steps < 2:
+        raise ValueError(f"interpolate needs steps >= 2, got {steps}")
+    t = jnp.linspace(0.0, 1.0, steps)[:, None, None]
+    return slerp(jnp.asarray(z_a)[None], jnp.asarray(z_b)[None], t)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout, forward, loss.
+
+def segment_ids(batch: int, src_len: int):
+    """[0]*S + [1]*S for each row."""
+    return jnp.broadcast_to(jnp.concatenate([jnp.zeros(src_len, jnp.int32), jnp.ones(src_len, jnp.int32)]),
+                            (batch, 2 * src_len))
+
+
+def _check_tokens(cfg: UniVAEConfig, tokens):
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] != cfg.src_len:
+        raise ValueError(f"tokens must have shape [batch, src_len={cfg.src_len}], got {tokens.shape}")
+    return tokens
+
+
+def forward(params, cfg: UniVAEConfig, tokens, *, z=None, key=None, return_intermediates: bool = False):
+    """Logits [B, 2S, V] of the layout [x; x] and (mu, z) [B, n_latent, z_dim].
+
+    z=None and key given: z_l ~ vMF(mu_l, kappa) (training); z=None, key=None: z_l = mu_l (encoder mode);
+    z given [B, n_latent, z_dim]: decoder mode (mu is still computed, from the source). With
+    ``return_intermediates`` also the Transformer's aux (hidden states per layer)."""
+    tokens = _check_tokens(cfg, tokens)
+    b, s = tokens.shape
+    inputs = jnp.concatenate([tokens, tokens], axis=1)
+    mus, zs = [], []
+    keys = None if key is None else jax.random.split(key, cfg.n_latent)
+
+    def make_inject(i, l):
+        p = params["latent"][f"layer_{l}"]
+
+        def fn(h0):
+            mu = latent_mean(p, h0)
+            if z is not None:
+                zl = jnp.asarray(z)[:, i].astype(jnp.float32)
+            elif keys is not None:
+                zl = vmf_sample(keys[i], mu, cfg.kappa)
+            else:
+                zl = mu
+            mus.append(mu)
+            zs.append(zl)
+            return latent_out(p, zl)
+        return fn
+
+    inject = {l: make_inject(i, l) for i, l in enumerate(cfg.latent_layers)}
+    out = Transformer(transformer_config(cfg)).apply(
+        {"params": params["transformer"]}, inputs, segment_ids(b, s), valid=inputs != cfg.pad_id,
+        inject=inject, return_intermediates=return_intermediates)
+    logits, aux = out if return_intermediates else (out, None)
+    res = (logits, jnp.stack(mus, 1), jnp.stack(zs, 1))
+    return res + (aux,) if return_intermediates else res
+
+
+def loss_weights(cfg: UniVAEConfig, tokens):
+    """Weights [B, S-1] of the target-half predictions: 1 where the predicted token (x[j+1]) is not PAD."""
+    return (jnp.asarray(tokens)[:, 1:] != cfg.pad_id).astype(jnp.float32)
+
+
+def loss_terms(params, cfg: UniVAEConfig, tokens, key):
+    """(sum of target-half next-token NLL, number of predictions) with z ~ vMF(mu, kappa); no KL term.
+    ``key=None``: z = mu (the noiseless reconstruction loss, for evaluation)."""
+    tokens = _check_tokens(cfg, tokens)
+    s = cfg.src_len
+    logits, _, _ = forward(params, cfg, tokens, key=key)
+    pred = logits[:, s:2 * s - 1].astype(jnp.float32)  # target positions S .. 2S-2 predict x[1 .. S-1]
+    logp = jax.nn.log_softmax(pred, -1)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
+    w = loss_weights(cfg, tokens)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+def loss(params, cfg: UniVAEConfig, tokens, key):
+    """Mean target-half next-token cross-entropy (nats/token) under vMF-noised latents."""
+    total, count = loss_terms(params, cfg, tokens, key)
+    return total / jnp.maximum(count, 1.0)
+
+
+def encode(params, cfg: UniVAEConfig, tokens):
+    """z = mu [B, n_latent, z_dim] from the source alone (the target never reaches the source rows)."""
+    tokens = _check_tokens(cfg, tokens)
+    mus = []
+
+    def make_inject(l):
+        p = params["latent"][f"layer_{l}"]
+
+        def fn(h0):
+            mu = latent_mean(p, h0)
+            mus.append(mu)
+            return latent_out(p, mu)
+        return fn
+
+    Transformer(transformer_config(cfg)).apply(
+        {"params": params["transformer"]}, tokens, jnp.zeros_like(tokens), valid=tokens != cfg.pad_id,
+        inject={l: make_inject(l) for l in cfg.latent_layers})
+    return jnp.stack(mus, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decoding.
+
+def _z_inject(params, cfg: UniVAEConfig, z):
+    z = jnp.asarray(z, jnp.float32)
+    if z.ndim != 3 or z.shape[1:] != (cfg.n_latent, cfg.z_dim):
+        raise ValueError(f"z must have shape [batch, n_latent={cfg.n_latent}, z_dim={cfg.z_dim}], got {z.shape}")
+    return {l: latent_out(params["latent"][f"layer_{l}"], z[:, i]) for i, l in enumerate(cfg.latent_layers)}
+
+
+def decoder_logits(params, cfg: UniVAEConfig, z, target):
+    """Uncached decoder: logits [B, T, V] for the target prefix ``target`` [B, T] (target[:, 0] = [CLS]),
+    from the layout [CLS] + target with positions [0, S, S+1, ...]: the whole prefix is recomputed."""
+    b, t = target.shape
+    tokens = jnp.concatenate([jnp.full((b, 1), cfg.cls_id, jnp.int32), target.astype(jnp.int32)], 1)
+    seg = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.ones((b, t), jnp.int32)], 1)
+    pos = jnp.broadcast_to(jnp.concatenate([jnp.zeros(1, jnp.int32), cfg.src_len + jnp.arange(t, dtype=jnp.int32)]),
+                           (b, t + 1))
+    logits = Transformer(transformer_config(cfg)).apply(
+        {"params": params["transformer"]}, tokens, seg, positions=pos, inject=_z_inject(params, cfg, z))
+    return logits[:, 1:]
+
+
+def prefill(params, cfg: UniVAEConfig, z, max_len: int):
+    """A KV cache of 1 + max_len slots with slot 0 (the source [CLS], h_l[:, 0] = Dense_out,l(z_l)) written."""
+    b = z.shape[0]
+    tcfg = transformer_config(cfg)
+    cache = init_cache(tcfg, b, max_len + 1)
+    cls = jnp.full((b, 1), cfg.cls_id, jnp.int32)
+    _, v = Transformer(tcfg).apply({"params": params["transformer"], "cache": cache}, cls,
+                                   jnp.zeros((b, 1), jnp.int32), positions=jnp.zeros((b, 1), jnp.int32),
+                                   inject=_z_inject(params, cfg, z), cache_index=0, mutable=["cache"])
+    return v["cache"]
+
+
+def decode_step(params, cfg: UniVAEConfig, cache, token, t):
+    """One cached step: target token ``token`` [B] at target index t (position S + t, slot 1 + t) ->
+    (logits [B, V] for target index t + 1, new cache)."""
+    b = token.shape[0]
+    logits, v = Transformer(transformer_config(cfg)).apply(
+        {"params": params["transformer"], "cache": cache}, token[:, None].astype(jnp.int32),
+        jnp.ones((b, 1), jnp.int32), positions=jnp.full((b, 1), cfg.src_len + t, jnp.int32),
+        cache_index=1 + t, mutable=["cache"])
+    return logits[:, 0].astype(jnp.float32), v["cache"]
+
+
+def _check_decode(cfg: UniVAEConfig, method: str, max_len: int | None, beam_size: int, key):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    max_len = cfg.src_len - 1 if max_len is None else max_len
+    if not isinstance(max_len, int) or not 1 <= max_len <= cfg.src_len - 1:
+        raise ValueError(f"max_len must be an integer in [1, src_len - 1 = {cfg.src_len - 1}], got {max_len!r}")
+    if method == "sample" and key is None:
+        raise ValueError("method='sample' needs a PRNG key")
+    if method == "beam" and (not isinstance(beam_size, int) or beam_size < 1):
+        raise ValueError(f"beam_size must be a positive integer, got {beam_size!r}")
+    return max_len
+
+
+def _finish(cfg: UniVAEConfig, tokens, done_before):
+    """PAD after the first [SEP] (a row that already stopped keeps emitting PAD)."""
+    return jnp.where(done_before, cfg.pad_id, tokens)
+
+
+def decode(params, cfg: UniVAEConfig, z, *, method: str = "greedy", max_len: int | None = None, key=None,
+           temperature: float = 1.0, beam_size: int = 4, cached: bool = True):
+    """Generate target tokens [B, max_len] from z [B, n_latent, z_dim] (first token after [CLS]; [SEP] ends
+    a row, PAD after it). greedy = the post's beam search with topk=1; beam keeps ``beam_size`` hypotheses
+    (sum of log-probs); sample draws from softmax(logits / temperature). ``cached=False`` recomputes the
+    whole prefix each step (reference for the KV cache; greedy/sample only)."""
+    max_len = _check_decode(cfg, method, max_len, beam_size, key)
+    z = jnp.asarray(z, jnp.float32)
+    if method == "beam":
+        if not cached:
+            raise ValueError("cached=False is implemented for greedy and sample only")
+        return _beam_decode(params, cfg, z, max_len, beam_size)
+    b = z.shape[0]
+    key = jax.random.PRNGKey(0) if key is None else key
+
+    def choose(logits, t):
+        if method == "greedy":
+            return jnp.argmax(logits, -1).astype(jnp.int32)
+        return jax.random.categorical(jax.random.fold_in(key, t), logits / temperature, -1).astype(jnp.int32)
+
+    out0 = jnp.full((b, max_len), cfg.pad_id, jnp.int32)
+    done0 = jnp.zeros((b,), bool)
+    cls = jnp.full((b,), cfg.cls_id, jnp.int32)
+    if cached:
+        cache0 = prefill(params, cfg, z, max_len)
+
+        def body(t, state):
+            cache, out, prev, done = state
+            logits, cache = decode_step(params, cfg, cache, prev, t)
+            tok = _finish(cfg, choose(logits, t), done)
+            return cache, out.at[:, t].set(tok), tok, done | (tok == cfg.sep_id)
+
+        _, out, _, _ = jax.lax.fori_loop(0, max_len, body, (cache0, out0, cls, done0))
+        return out
+
+    def body_uncached(t, state):
+        out, done = state
+        target = jnp.concatenate([cls[:, None], out], 1)[:, :max_len]  # fixed shape; causal: later slots unseen
+        logits = jax.lax.dynamic_index_in_dim(decoder_logits(params, cfg, z, target), t, 1, keepdims=False)
+        tok = _finish(cfg, choose(logits.astype(jnp.float32), t), done)
+        return out.at[:, t].set(tok), done | (tok == cfg.sep_id)
+
+    out, _ = jax.lax.fori_loop(0, max_len, body_uncached, (out0, done0))
+    return out
+
+
+def _beam_decode(params, cfg: UniVAEConfig, z, max_len: int, k: int):
+    """Beam search over B x k hypotheses sharing one KV cache (rows reordered by beam each step)."""
+    b = z.shape[0]
+    zk = jnp.repeat(z, k, axis=0)
+    cache0 = prefill(params, cfg, zk, max_len)
+    scores0 = jnp.tile(jnp.concatenate([jnp.zeros(1), jnp.full(k - 1, -jnp.inf)]), (b, 1))  # [B, k]
+    out0 = jnp.full((b, k, max_len), cfg.pad_id, jnp.int32)
+    done0 = jnp.zeros((b, k), bool)
+    prev0 = jnp.full((b * k,), cfg.cls_id, jnp.int32)
+
+    def body(t, state):
+        cache, out, prev, done, scores = state
+        logits, cache = decode_step(params, cfg, cache, prev, t)
+        logp = jax.nn.log_softmax(logits, -1).reshape(b, k, -1)
+        v = logp.shape[-1]
+        pad_only = jnp.full((v,), -jnp.inf).at[cfg.pad_id].set(0.0)
+        logp = jnp.where(done[..., None], pad_only, logp)  # a finished hypothesis only extends with PAD, free
+        cand = (scores[..., None] + logp).reshape(b, k * v)
+        scores, idx = jax.lax.top_k(cand, k)
+        beam, tok = idx // v, (idx % v).astype(jnp.int32)
+        out = jnp.take_along_axis(out, beam[..., None], 1).at[:, :, t].set(tok)
+        done = jnp.take_along_axis(done, beam, 1) | (tok == cfg.sep_id)
+        rows = (jnp.arange(b)[:, None] * k + beam).reshape(-1)
+        cache = jax.tree_util.tree_map(lambda x: jnp.take(x, rows, axis=0), cache)
+        return cache, out, tok.reshape(-1), done, scores
+
+    _, out, _, _, scores = jax.lax.fori_loop(0, max_len, body, (cache0, out0, prev0, done0, scores0))
+    best = jnp.argmax(scores, -1)
+    return jnp.take_along_axis(out, best[:, None, None], 1)[:, 0]
+
+
+def as_source(cfg: UniVAEConfig, generated):
+    """Decoder output [B, T] -> source layout [B, S]: [CLS] + tokens (up to [SEP]) padded with PAD."""
+    b, t = generated.shape
+    src = jnp.full((b, cfg.src_len), cfg.pad_id, jnp.int32).at[:, 0].set(cfg.cls_id)
+    return src.at[:, 1:1 + min(t, cfg.src_len - 1)].set(generated[:, :cfg.src_len - 1])
+
+
+def reconstruct(params, cfg: UniVAEConfig, tokens, **decode_kw):
+    """decode(encode(tokens)): the reconstruction from mu (no noise)."""
+    return decode(params, cfg, encode(params, cfg, tokens), **decode_kw)
+
+
+def resample(params, cfg: UniVAEConfig, tokens, layers: Sequence[int], key, **decode_kw):
+    """Encode, re-draw the chosen latent layers (indices into ``cfg.latent_layers``, 0 = lowest) from the
+    uniform prior, keep the others, decode (``decode_kw``; method="sample" draws with fold_in(key, 1) unless a
+    ``key`` is given there). Returns (tokens [B, T], z [B, n_latent, z_dim])."""
+    layers = tuple(layers)
+    if not layers or any(not (isinstance(i, int) and 0 <= i < cfg.n_latent) for i in layers):
+        raise ValueError(f"layers must be a non-empty list of latent indices in [0, n_latent={cfg.n_latent}), "
+                         f"got {layers}")
+    z = encode(params, cfg, tokens)
+    fresh = sample_prior(key, cfg, z.shape[0])
+    chosen = jnp.zeros((cfg.n_latent,), bool).at[jnp.array(layers)].set(True)
+    z = jnp.where(chosen[None, :, None], fresh, z)
+    decode_kw.setdefault("key", jax.random.fold_in(key, 1))  # for method="sample"
+    return decode(params, cfg, z, **decode_kw), z
+
+
+__all__ = ["UniVAEConfig", "layer_masks", "transformer_config", "init", "latent_mean", "latent_out", "vmf_sample",
+           "vmf_mean_cosine", "sample_prior", "slerp", "interpolate", "segment_ids", "forward", "loss_weights",
+           "loss_terms", "loss", "encode", "decoder_logits", "prefill", "decode_step", "decode", "as_source",
+           "reconstruct", "resample", "METHODS"]

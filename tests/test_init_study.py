@@ -1,0 +1,114 @@
+"""The post-8620 training study (kexue_jax/experiments/init_study.py) on its :tiny grid, end to end."""
+import json
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.init_study import get_config
+from kexue_jax.experiments import init_study
+from kexue_jax.nn import init as init_lib
+from kexue_jax.nn.norms import deepnorm_alpha
+
+FIELDS = ("residual", "depth", "warmup", "lr", "attn_scale", "head_dim", "parameterization", "final_norm",
+          "truncation_correction", "val_loss", "final_val_loss", "initial_val_loss", "diverged",
+          "grad_norm_per_layer", "alpha", "steps", "alpha_ramp_steps")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("init_study"))
+    config = get_config("tiny")
+    report = init_study.run(config, workdir)
+    return config, workdir, report
+
+
+def test_tiny_report_has_one_complete_record_per_cell(tiny_run):
+    config, workdir, report = tiny_run
+    cells = init_study.grid(config, init_study.validate(config))
+    runs = report["runs"]
+    assert [r["name"] for r in runs] == [c.name for c in cells] and len(runs) == 26
+    with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
+        assert len(json.load(f)["runs"]) == len(runs)
+    assert {r["section"] for r in runs} == set(init_study.SECTIONS)
+    for r in runs:
+        for field in FIELDS:
+            assert field in r, (r["name"], field)
+        assert sorted(int(t) for t in r["val_loss"]) == [0, 6, 12]
+        assert r["initial_val_loss"] == pytest.approx(math.log(260), abs=1.5)  # about uniform over bytes at init
+        assert sorted(r["grad_norm_per_layer"]) == ["0", "6"]
+        assert len(r["grad_norm_per_layer"]["0"]) == r["depth"]
+        assert 2.5 < r["unigram_val_loss"] < 4.5 and r["at_unigram"] == (
+            not r["diverged"] and r["final_val_loss"] > r["unigram_val_loss"] - init_study.UNIGRAM_MARGIN)
+        if not r["diverged"]:
+            assert r["final_val_loss"] < r["initial_val_loss"]
+    # every residual wiring trained and the table shows each cell
+    table = open(os.path.join(workdir, "table.md"), encoding="utf-8").read()
+    for res in init_study.RESIDUALS:
+        assert f"| {res} |" in table
+    assert os.path.getsize(os.path.join(workdir, "loss_curves.png")) > 10_000
+
+
+def test_alpha_trajectories_and_initial_gradients(tiny_run):
+    _, _, report = tiny_run
+    by = {r["name"]: r for r in report["runs"]}
+    ramp = by["alpha_L1_w0_lr0.002"]
+    assert ramp["alpha"] == {"0": 0.0, "6": 1.0, "12": 1.0}  # min(1, t / 6), never trained
+    assert ramp["grad_norm_per_layer"]["0"] == [0.0]  # alpha_0 = 0: no gradient reaches the blocks
+    rz = by["rezero_L1_w0_lr0.002"]
+    assert rz["alpha"]["0"] == [0.0]  # ReZero: trainable, 0 at init ...
+    assert all(abs(a) > 1e-3 for a in rz["alpha"]["12"])  # ... and it moved
+    assert by["deepnorm_L1_w0_lr0.002"]["alpha"]["12"] == pytest.approx(deepnorm_alpha(1))
+    assert by["pre_L1_w0_lr0.002"]["alpha"]["0"] is None
+    assert min(by["pre_L1_w0_lr0.002"]["grad_norm_per_layer"]["0"]) > 0
+
+
+def test_attention_entropy_at_init_tracks_the_scale(tiny_run):
+    _, _, report = tiny_run
+    att = {r["attn_scale"]: r for r in report["runs"] if r["section"] == "attention"}
+    # Var(q.k) = d without a scale: the rows are much sharper than with 1/sqrt(d) (post 8620's trigger)
+    assert att["none"]["entropy_init"] < 0.6 * att["sqrt"]["entropy_init"]
+    assert att["sqrt"]["entropy_init"] < att["sqrt"]["entropy_uniform"] == pytest.approx(
+        np.mean(np.log(np.arange(1, 17))))
+
+
+def test_rerun_resumes_cell_by_cell(tiny_run, capsys):
+    config, workdir, report = tiny_run
+    victim = report["runs"][3]["name"]
+    os.remove(os.path.join(workdir, "cells", init_study._safe(victim) + ".json"))
+    again = init_study.run(config, workdir)
+    out = capsys.readouterr().out
+    assert out.count("final val") == 1 and victim in out  # only the deleted cell ran again
+    old = {r["name"]: r for r in report["runs"]}
+    new = {r["name"]: r for r in again["runs"]}
+    assert old.keys() == new.keys()
+    np.testing.assert_allclose(new[victim]["final_val_loss"], old[victim]["final_val_loss"], rtol=1e-5)
+
+
+def test_lr_schedule_and_truncation_helpers():
+    t = jnp.arange(0, 11)
+    lr = init_study.lr_at(t, 1.0, 4.0, 10, 0.1)
+    np.testing.assert_allclose(lr[:4], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+    assert float(lr[-1]) == pytest.approx(0.1, rel=1e-6)
+    np.testing.assert_allclose(init_study.lr_at(jnp.arange(3), 2.0, 0.0, 10, 0.1)[0], 2.0)
+    params = {"a": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "embed": {"token": jnp.ones((3, 2))}}
+    out = init_study.uncorrect_truncation(params)
+    assert float(out["a"]["kernel"][0, 0]) == pytest.approx(math.sqrt(init_lib.truncated_normal_variance()))
+    assert float(out["a"]["kernel"][0, 0]) == pytest.approx(1 / 1.1368472, rel=1e-6)
+    assert float(out["a"]["bias"][0]) == 1.0 and float(out["embed"]["token"][0, 0]) == 1.0
+
+
+def test_study_config_errors_name_the_field(tmp_path):
+    config = get_config("tiny")
+    config.study.residuals = ("pre", "sandwich")
+    with pytest.raises(ValueError, match=r"config.study.residuals must be a subset of"):
+        init_study.run(config, str(tmp_path))
+    config = get_config("tiny")
+    config.model.init_std = 0.02
+    with pytest.raises(ValueError, match="config.model.init_std must be None"):
+        init_study.validate(config)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        get_config("huge")
+    assert not os.listdir(tmp_path)  # nothing written before the error

@@ -1,0 +1,328 @@
+"""UniVAE (kexue.fm/archives/8475): the post's claims 1-4, the vMF sampler, the loss, the KV cache."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kexue_jax import univae as U
+from kexue_jax.nn import TransformerConfig, masks
+from kexue_jax.nn.transformer import Transformer, init_cache
+
+PAD, CLS, SEP = 256, 258, 259
+
+
+def _cfg(**kw):
+    model = TransformerConfig.preset("gpt", num_layers=3, d_model=32, num_heads=2, head_dim=16, d_ff=64, max_len=32,
+                                     type_vocab_size=2, **kw)
+    return U.UniVAEConfig(model=model, n_latent=2, z_dim=8, src_len=12)
+
+
+def _tokens(key, b=3, s=12, lengths=(6, 10, 3)):
+    tok = np.array(jax.random.randint(key, (b, s), 0, 256))
+    for i, n in enumerate(lengths[:b]):
+        tok[i, 0], tok[i, n + 1], tok[i, n + 2:] = CLS, SEP, PAD
+    return jnp.asarray(tok)
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = _cfg()
+    params = jax.jit(U.init, static_argnums=1)(jax.random.PRNGKey(0), cfg)
+    # larger weights and non-zero biases than at init, so that z matters everywhere it can
+    return cfg, jax.tree_util.tree_map(lambda x: 4.0 * x + 0.05, params)
+
+
+def _forward(params, cfg, tok, **kw):
+    """U.forward under jit (eager flax is slow on the shared CPU)."""
+    key, z = kw.pop("key", None), kw.pop("z", None)
+    return jax.jit(lambda p, t, k, z: U.forward(p, cfg, t, key=k, z=z, **kw))(params, tok, key, z)
+
+
+# -- claim 1: the masks -----------------------------------------------------------------------
+
+def test_claim1_masks_on_s_000111():
+    s = jnp.array([[0, 0, 0, 1, 1, 1]])
+    rows = lambda m: [set(np.flatnonzero(np.asarray(m)[0, 0, i]).tolist()) for i in range(6)]  # noqa: E731
+    assert rows(masks.unilm(s))[4] == {0, 1, 2, 3, 4}
+    ind, ae = rows(masks.independent(s)), rows(masks.uniae(s))
+    assert ind[:3] == [{0, 1, 2}] * 3 and ind[4] == {3, 4}
+    assert ae[4] == {0, 3, 4} and ae[:3] == ind[:3]
+    assert U.layer_masks(12, 4) == ("independent",) * 8 + ("uniae",) * 4
+    assert U.transformer_config(_cfg()).layer_masks == ("independent",) + ("uniae",) * 2
+
+
+# -- claim 2: in decode mode the logits see the source only through z ---------------------------
+
+def test_claim2_decoder_logits_ignore_source_tokens(model):
+    cfg, params = model
+    s = cfg.src_len
+    z = U.sample_prior(jax.random.PRNGKey(3), cfg, 3)
+    a = _tokens(jax.random.PRNGKey(1))
+    b = _tokens(jax.random.PRNGKey(2), lengths=(2, 9, 7))  # other source tokens and other padding
+    tcfg = U.transformer_config(cfg)
+    inject = {l: U.latent_out(params["latent"][f"layer_{l}"], z[:, i]) for i, l in enumerate(cfg.latent_layers)}
+
+    def run(src, tgt):
+        seq = jnp.concatenate([src, tgt], 1)
+        return np.asarray(jax.jit(lambda seq: Transformer(tcfg).apply(
+            {"params": params["transformer"]}, seq, U.segment_ids(3, s), valid=seq != PAD, inject=inject))(seq))
+    ra, rb = run(a, a), run(b, a)
+    assert not np.array_equal(ra[:, :s], rb[:, :s])  # the source half did change
+    np.testing.assert_array_equal(ra[:, s:], rb[:, s:])  # bitwise equal target half
+    # and the decoder's own layout ([CLS] + target at positions 0, S, S+1, ...) gives the same logits
+    la, _, _ = _forward(params, cfg, a, z=z)
+    np.testing.assert_allclose(np.asarray(la[:, s:]), ra[:, s:], atol=2e-5)
+    valid = np.asarray(a != PAD)[..., None]
+    dec = jax.jit(lambda z, a: U.decoder_logits(params, cfg, z, a))(z, a)
+    np.testing.assert_allclose(np.where(valid, np.asarray(dec), 0),
+                               np.where(valid, ra[:, s:], 0), atol=2e-5)
+
+
+# -- claim 3: below the latent layers the target half does not depend on z ------------------------
+
+def test_claim3_lower_layers_independent_of_z(model):
+    cfg, params = model
+    tok = _tokens(jax.random.PRNGKey(1))
+    outs = [_forward(params, cfg, tok, z=U.sample_prior(jax.random.PRNGKey(k), cfg, 3), return_intermediates=True)
+            for k in (5, 6)]
+    s, first = cfg.src_len, cfg.latent_layers[0]
+    (la, _, _, aux_a), (lb, _, _, aux_b) = outs
+    for l in range(first + 1):  # states output by layers 0 .. first-1, and the input of the first latent layer
+        np.testing.assert_array_equal(np.asarray(aux_a["hidden"][l][:, s:]), np.asarray(aux_b["hidden"][l][:, s:]))
+    assert float(jnp.max(jnp.abs(aux_a["hidden"][first + 1][:, s:] - aux_b["hidden"][first + 1][:, s:]))) > 1e-3
+    assert float(jnp.max(jnp.abs(la[:, s:] - lb[:, s:]))) > 1e-3
+
+
+# -- claim 4: mu on the unit sphere; vMF samples have the Bessel-ratio mean -----------------------
+
+def test_claim4_mu_unit_norm_and_encode_equals_encoder_mode(model):
+    cfg, params = model
+    tok = _tokens(jax.random.PRNGKey(1))
+    mu = jax.jit(lambda t: U.encode(params, cfg, t))(tok)
+    chex.assert_shape(mu, (3, cfg.n_latent, cfg.z_dim))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(mu), axis=-1), 1.0, atol=1e-6)
+    _, mu_full, z_full = _forward(params, cfg, tok)
+    np.testing.assert_allclose(np.asarray(mu), np.asarray(mu_full), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(mu_full), np.asarray(z_full))  # encoder mode: z = mu
+    _, mu_t, z_t = _forward(params, cfg, tok, key=jax.random.PRNGKey(0))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(z_t), axis=-1), 1.0, atol=1e-5)
+    assert float(jnp.min(jnp.sum(z_t * mu_t, -1))) < 0.999  # training mode adds noise
+
+
+@pytest.mark.parametrize("d", [3, 16, 64])
+def test_vmf_mean_cosine_matches_bessel_ratio(d):
+    n = 4000
+    mu = U.l2_normalize(jax.random.normal(jax.random.PRNGKey(d), (d,)))
+    sample = jax.jit(lambda k, kappa: U.vmf_sample(k, jnp.broadcast_to(mu, (n, d)), kappa))
+    for kappa in (0.0, 8.0, 32.0, 128.0):
+        z = np.asarray(sample(jax.random.PRNGKey(int(kappa)), kappa), np.float64)
+        np.testing.assert_allclose(np.linalg.norm(z, axis=-1), 1.0, atol=1e-5)
+        w = z @ np.asarray(mu, np.float64)
+        want = U.vmf_mean_cosine(kappa, d)
+        se = w.std() / np.sqrt(n)
+        assert abs(w.mean() - want) < 5 * se + 1e-4, (d, kappa, w.mean(), want, se)
+
+
+def test_vmf_vmappable_and_gradient_flows_to_mu():
+    mus = U.l2_normalize(jax.random.normal(jax.random.PRNGKey(0), (5, 7, 16)))
+    keys = jax.random.split(jax.random.PRNGKey(1), 5)
+    z = jax.jit(jax.vmap(lambda k, m: U.vmf_sample(k, m, 32.0)))(keys, mus)
+    chex.assert_shape(z, (5, 7, 16))
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(z), axis=-1), 1.0, atol=1e-5)
+    g = jax.jit(jax.grad(lambda m: jnp.sum(U.vmf_sample(keys[0], U.l2_normalize(m), 32.0)[..., 0])))(mus[0])
+    assert np.all(np.isfinite(np.asarray(g))) and float(jnp.abs(g).sum()) > 0
+    with pytest.raises(ValueError, match="d >= 2"):
+        U.vmf_sample(keys[0], jnp.ones((3, 1)), 1.0)
+
+
+# -- the loss ------------------------------------------------------------------------------------
+
+def test_loss_counts_target_predictions_and_excludes_padding(model):
+    cfg, params = model
+    tok = _tokens(jax.random.PRNGKey(1))
+    (total, count), (logits, _, _) = jax.jit(lambda t: (U.loss_terms(params, cfg, t, None),
+                                                        U.forward(params, cfg, t)))(tok)  # z = mu: no vMF
+    assert float(count) == (6 + 1) + (10 + 1) + (3 + 1)  # bytes + [SEP] of each line
+    s = cfg.src_len
+    logp = jax.nn.log_softmax(logits[:, s:2 * s - 1], -1)
+    nll = -jnp.take_along_axis(logp, tok[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(float(total), float(jnp.sum(nll * (tok[:, 1:] != PAD))), rtol=1e-5)
+
+
+# -- KV cache ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["greedy", "sample"])
+def test_cached_decoding_equals_uncached(model, method):
+    cfg, params = model
+    z = U.sample_prior(jax.random.PRNGKey(4), cfg, 6)
+    kw = dict(method=method, key=jax.random.PRNGKey(9), max_len=11)
+    a = np.asarray(jax.jit(lambda z: U.decode(params, cfg, z, **kw))(z))
+    b = np.asarray(jax.jit(lambda z: U.decode(params, cfg, z, cached=False, **kw))(z))
+    np.testing.assert_array_equal(a, b)
+    assert len({tuple(r) for r in a}) > 1  # outputs depend on z
+
+
+def test_cached_step_logits_equal_uncached_logits(model):
+    cfg, params = model
+    z = U.sample_prior(jax.random.PRNGKey(4), cfg, 2)
+    target = jnp.concatenate([jnp.full((2, 1), CLS), _tokens(jax.random.PRNGKey(2), b=2)[:, 1:9]], 1)
+    full = jax.jit(lambda z, x: U.decoder_logits(params, cfg, z, x))(z, target)
+    cache = jax.jit(lambda z: U.prefill(params, cfg, z, target.shape[1]))(z)
+    step_fn = jax.jit(lambda c, x, t: U.decode_step(params, cfg, c, x, t))
+    for t in range(target.shape[1]):
+        step, cache = step_fn(cache, target[:, t], t)
+        np.testing.assert_allclose(np.asarray(step), np.asarray(full[:, t]), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_beam_of_one_is_greedy_and_beam_is_at_least_as_likely(model):
+    cfg, params = model
+    z = U.sample_prior(jax.random.PRNGKey(4), cfg, 4)
+    dec = jax.jit(lambda z, method, k: U.decode(params, cfg, z, method=method, beam_size=k, max_len=8),
+                  static_argnums=(1, 2))
+    greedy = dec(z, "greedy", 1)
+    np.testing.assert_array_equal(np.asarray(dec(z, "beam", 1)), np.asarray(greedy))
+
+    def score(out):
+        target = jnp.concatenate([jnp.full((4, 1), CLS), out[:, :-1]], 1)
+        logp = jax.nn.log_softmax(jax.jit(lambda z, x: U.decoder_logits(params, cfg, z, x))(z, target), -1)
+        lp = jnp.take_along_axis(logp, out[..., None], -1)[..., 0]
+        alive = jnp.cumsum(out == SEP, 1) - (out == SEP) == 0  # up to and including the first [SEP]
+        return np.asarray(jnp.sum(lp * alive, 1))
+    beam = dec(z, "beam", 4)
+    assert np.all(score(beam) >= score(greedy) - 1e-4)
+
+
+def test_generic_kv_cache_matches_full_forward():
+    cfg = TransformerConfig.preset("bert", num_layers=2, d_model=32, num_heads=2, head_dim=16, d_ff=64, max_len=16,
+                                   position="rope", mask="unilm")
+    tok = jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 260)
+    seg = jnp.array([[0] * 4 + [1] * 5] * 2)
+    m = Transformer(cfg)
+    p = jax.jit(m.init)(jax.random.PRNGKey(0), tok, seg)["params"]
+    full = jax.jit(m.apply)({"params": p}, tok, seg)
+    step = jax.jit(lambda c, x, s, t: m.apply({"params": p, "cache": c}, x, s, cache_index=t, mutable=["cache"]))
+    out, v = step(init_cache(cfg, 2, 9), tok[:, :4], seg[:, :4], 0)
+    outs, cache = [out], v["cache"]
+    for t in range(4, 9):
+        o, v = step(cache, tok[:, t:t + 1], seg[:, t:t + 1], t)
+        outs.append(o)
+        cache = v["cache"]
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, 1)), np.asarray(full), atol=1e-5)
+    with pytest.raises(ValueError, match="init_cache"):
+        m.apply({"params": p}, tok[:, :1], seg[:, :1], cache_index=0, mutable=["cache"])
+
+
+# -- the rest of the API -------------------------------------------------------------------------
+
+def test_resample_keeps_other_layers_and_interpolate_ends(model):
+    cfg, params = model
+    tok = _tokens(jax.random.PRNGKey(1))
+    mu = jax.jit(lambda t: U.encode(params, cfg, t))(tok)
+    out, z = jax.jit(lambda t, k: U.resample(params, cfg, t, [0], k, max_len=6))(tok, jax.random.PRNGKey(2))
+    chex.assert_shape(out, (3, 6))
+    np.testing.assert_array_equal(np.asarray(z[:, 1]), np.asarray(mu[:, 1]))
+    assert float(jnp.max(jnp.abs(z[:, 0] - mu[:, 0]))) > 1e-2
+    path = U.interpolate(mu[0], mu[1], 5)
+    chex.assert_shape(path, (5, cfg.n_latent, cfg.z_dim))
+    np.testing.assert_allclose(np.asarray(path[0]), np.asarray(mu[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(path[-1]), np.asarray(mu[1]), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(path), axis=-1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="latent indices"):
+        U.resample(params, cfg, tok, [2], jax.random.PRNGKey(2))
+
+
+def test_config_errors_name_the_field():
+    m = TransformerConfig.preset("gpt", num_layers=4, max_len=32)
+    with pytest.raises(ValueError, match="n_latent"):
+        U.UniVAEConfig(model=m, n_latent=4, src_len=12)
+    with pytest.raises(ValueError, match="max_len"):
+        U.UniVAEConfig(model=m, n_latent=2, src_len=20)
+    with pytest.raises(ValueError, match="kappa"):
+        U.UniVAEConfig(model=m, n_latent=2, src_len=12, kappa=-1.0)
+    cfg = U.UniVAEConfig(model=m, n_latent=2, src_len=12)
+    with pytest.raises(ValueError, match="method"):
+        U.decode({}, cfg, jnp.zeros((1, 2, 16)), method="topp")
+    with pytest.raises(ValueError, match="max_len"):
+        U.decode({}, cfg, jnp.zeros((1, 2, 16)), max_len=12)
+
+
+# -- the train.py job ----------------------------------------------------------------------------
+
+def _tiny_config():
+    from configs import univae as univae_configs
+
+    return univae_configs.get_config("tiny")
+
+
+@pytest.mark.slow
+def test_tiny_run_loss_falls_below_unigram_entropy_and_resumes(tmp_path):
+    from kexue_jax import metrics
+    from kexue_jax.experiments import univae as job
+
+    c = _tiny_config()
+    job.train(c, str(tmp_path), stop_after=100)
+    assert job.ckpt_lib.Checkpointer(str(tmp_path / "checkpoints")).latest_step() == 75
+    cfg, params, _, va_lines = job.train(c, str(tmp_path))  # resumes at 75, runs to 150
+    rec = metrics.read_metrics(tmp_path)
+    assert [r["step"] for r in rec if "val_loss" in r] == [0, 75, 150]
+    tokens = job.to_tokens(va_lines, cfg.src_len)[:, 1:]
+    counts = np.bincount(tokens[tokens != PAD], minlength=260).astype(float)
+    p = counts[counts > 0] / counts.sum()
+    unigram = float(-(p * np.log(p)).sum())  # nats/token of the held-out target tokens (bytes + [SEP])
+    final = [r["val_loss"] for r in rec if "val_loss" in r][-1]
+    assert final < unigram - 0.3, (final, unigram)
+
+
+@pytest.mark.slow
+def test_tiny_job_writes_samples_and_report(tmp_path):
+    import json
+
+    from kexue_jax.experiments import univae as job
+
+    report = job.run(_tiny_config(), str(tmp_path))
+    text = (tmp_path / "samples.md").read_text()
+    assert text.count("## ") == 4 and text.count("  - `") == 2 * 5 * 5
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["reconstruction"]["n"] == 32 and 0.0 <= saved["reconstruction"]["byte_accuracy"] <= 1.0
+    assert set(saved["multiscale"]) >= {"lowest", "highest", "supports_claim"}
+    assert saved["prior"]["bits_per_byte_heldout"] > 0 and report["prior"]["n"] == 16
+
+
+def test_edit_distance_and_reconstruction_metrics():
+    from kexue_jax.experiments import univae as job
+
+    assert job.edit_distance(b"kitten", b"sitting") == 3 and job.edit_distance(b"", b"abc") == 3
+    src = job.to_tokens(["abc", "hello"], 8)
+    out = np.array(src[:, 1:])
+    out[1, 2] = ord("x")
+    m = job.reconstruction_metrics(src, out, PAD)
+    assert m["exact_match"] == 0.5 and abs(m["byte_accuracy"] - 9 / 10) < 1e-9
+    assert job.to_text(out[0]) == "abc"
+    assert job.spoken_lines([type("P", (), {"text": "HAMLET:\nTo be, or not\n\nHAMLET:\nTo be, or not\nab\n"})()],
+                            20, 3) == ["To be, or not"]
+
+
+def test_minilm_variant_uses_wordpiece_and_matches_the_checkpoint():
+    pytest.importorskip("tokenizers")
+    from configs import univae as univae_configs
+    from kexue_jax import hf
+    from kexue_jax.experiments import univae as job
+
+    try:
+        hf.minilm_path()
+    except (FileNotFoundError, ModuleNotFoundError) as e:
+        pytest.skip(f"all-MiniLM-L6-v2 not installed: {e}")
+    c = univae_configs.get_config("minilm")
+    cfg, vocab = job.validate(c)
+    assert (vocab.cls_id, vocab.sep_id, vocab.pad_id) == (101, 102, 0)
+    row = job.to_tokens(["To be, or not to be"], cfg.src_len, vocab)[0]
+    assert row[0] == 101 and 102 in row and job.to_text(row, vocab) == "to be, or not to be"
+    abstract = jax.eval_shape(lambda k: U.init(k, cfg), jax.random.PRNGKey(0))
+    hf_cfg, _ = hf.load_bert(hf.minilm_path(), head="none")
+    assert (hf_cfg.num_layers, hf_cfg.d_model, hf_cfg.vocab_size) == (6, 384, 30522)
+    assert abstract["transformer"]["embed"]["token"].shape == (30522, 384)
+    c.univae.init_from = "bert"
+    with pytest.raises(ValueError, match="init_from"):
+        job.validate(c)

@@ -5,8 +5,9 @@ Variants (``--config=configs/upscale.py:VARIANT``):
   default  the post's own case, a BERT-style model (embedding LayerNorm, segment embeddings, Post-LN, GELU FFN
            with biases, the MLM head: dense + GELU + LayerNorm + tied embedding + vocab bias, 1/sqrt(d)), so
            every rule and erratum of the post is exercised; 4 layers, d_model 64 -> 128 (x2, grow=head_dim),
-           arm B 1500 steps; arm A widened at step 250 (1/6) with -10 dB of exact zero-sum noise and twice
-           the learning rate after widening, then run until it reaches B's final loss (cap 2 x B's FLOPs).
+           arm B 1500 steps; arm A widened at step 250 (1/6) with -10 dB of exact zero-sum noise, then B's own
+           learning-rate schedule from its step 0 ("rewind", MSG) at twice the rate, until it reaches B's final
+           loss (cap 2 x B's FLOPs).
            Trained on next-byte prediction (mask causal): byte-level MLM does learn (2.99 nats/byte after
            1500 steps against the 3.30 unigram entropy, measured) but ten times more slowly than next-byte
            prediction (1.63), so its curve has too little signal for a run-to-target comparison on a CPU
@@ -49,7 +50,7 @@ def get_config(arg: str | None = None):
         factor=2, grow="head_dim", widen_at=250, depth_factor=1,
         noise_db=ph(float), symmetry="zero_sum",
         map_optimizer=True, scale_updates=False,
-        schedule="continue", big_steps=ph(int), lr_multiplier=2.0, lr_tensors="all",
+        schedule="rewind", big_steps=ph(int), lr_multiplier=2.0, lr_tensors="all",
         cap=2.0, seeds=(), baseline=ph(str), lossless_atol=1e-5,
         arms=("upscaled", "scratch")))
     if variant in ("default", "mlm", "gpt"):

@@ -284,8 +284,6 @@ def say(msg: str) -> None:
         print(msg, flush=True)
 
 
-_say = say
-
 
 def itstime(step: int, every: int, *, last: int | None = None) -> bool:
     """Whether a periodic action is due after ``step``: at multiples of ``every`` (0 = never) and at

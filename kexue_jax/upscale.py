@@ -316,8 +316,10 @@ def noise_std(noise_db: float | None) -> float:
     return 0.0 if noise_db is None else 10.0 ** (float(noise_db) / 20.0)
 
 
-def _check_symmetry(cfg: TransformerConfig, noise_db, symmetry: str, key, rules: WidenRules) -> None:
-    """Clear errors for the symmetry-breaking arguments (before anything is computed)."""
+def check_symmetry(cfg: TransformerConfig, noise_db, symmetry: str, key, rules: WidenRules) -> None:
+    """Raise a clear ValueError for bad symmetry-breaking arguments (before anything is computed): an unknown
+    ``symmetry``, a non-numeric ``noise_db``, a missing key, tiled repetition, or a strength below the
+    resolution of a low-precision compute dtype."""
     if symmetry not in SYMMETRY_METHODS:
         raise ValueError(f"symmetry must be one of {SYMMETRY_METHODS}, got {symmetry!r}")
     if noise_db is None:
@@ -412,7 +414,7 @@ def widen_params(params, cfg: TransformerConfig, factor: int, *, grow: str = "he
     """The widened parameter tree (jittable; see ``widen``)."""
     k = _check_factor(factor)
     _check_grow(grow)
-    _check_symmetry(cfg, noise_db, symmetry, key, rules)
+    check_symmetry(cfg, noise_db, symmetry, key, rules)
     _check_tree(params, cfg)
     big_cfg = widen_config(cfg, k, grow=grow, rules=rules)
     leaves = jax.tree_util.tree_leaves(params)
@@ -444,7 +446,7 @@ def widen(params, cfg: TransformerConfig, factor: int, *, grow: str = "head_dim"
     a sharded model in place (``widen_sharded``).
     """
     big_cfg = widen_config(cfg, factor, grow=grow, rules=rules)  # validates factor and grow first
-    _check_symmetry(cfg, noise_db, symmetry, key, rules)
+    check_symmetry(cfg, noise_db, symmetry, key, rules)
     _check_tree(params, cfg)
     noise_db = None if noise_db is None else float(noise_db)
     return _jitted_widen(cfg, int(factor), grow, noise_db, symmetry, rules)(params, key), big_cfg
@@ -463,7 +465,7 @@ def widen_sharded(params, cfg: TransformerConfig, factor: int, out_shardings, *,
     big_cfg -> that pytree): each device computes only its shard of the big parameters, so a model
     sharded over several hosts grows without ever being gathered."""
     big_cfg = widen_config(cfg, factor, grow=grow, rules=rules)
-    _check_symmetry(cfg, noise_db, symmetry, key, rules)
+    check_symmetry(cfg, noise_db, symmetry, key, rules)
     shardings = out_shardings(big_cfg) if callable(out_shardings) else out_shardings
     fn = jax.jit(lambda p, kk: widen_params(p, cfg, factor, grow=grow, noise_db=noise_db, symmetry=symmetry,
                                             key=kk, rules=rules), out_shardings=shardings)

@@ -253,7 +253,7 @@ def train(c, workdir: str, *, stop_after: int | None = None):
             state = state.replace(params=jax.device_put(load_minilm(state.params), shardings.params))
         writer.write_config(config_lib.to_dict(c))
     else:
-        _say(f"resumed from step {resumed} ({ckpt.directory})")
+        training.say(f"resumed from step {resumed} ({ckpt.directory})")
     sharding = parallel.batch_sharding(mesh)
     jstep = jax.jit(make_train_step(cfg, tx, seed), donate_argnums=0, out_shardings=(shardings, None))
     jeval = jax.jit(make_eval_step(cfg))
@@ -287,14 +287,14 @@ def train(c, workdir: str, *, stop_after: int | None = None):
                     raise training.NonFiniteLoss(f"non-finite loss at step {t}; last good checkpoint "
                                                  f"{ckpt.latest_step()} in {ckpt.directory}")
                 writer.write(t, {"loss": loss})
-                _say(progress(t, {"loss": loss}))
+                training.say(progress(t, {"loss": loss}))
                 pending = None
             if step % c.train.log_every == 0 or step == c.train.steps:
                 pending = (step, m)
             if step % c.train.eval_every == 0 or step == c.train.steps:
                 v = evaluate(state.params)
                 writer.write(step, {"val_loss": v})
-                _say(f"step {step}: val_loss {v:.4f} (reconstruction NLL from mu, nats/byte)")
+                training.say(f"step {step}: val_loss {v:.4f} (reconstruction NLL from mu, nats/byte)")
             if step % c.train.checkpoint_every == 0 or step == c.train.steps:
                 ckpt.save(step, state)
             if stop_after is not None and ran >= stop_after:
@@ -308,11 +308,6 @@ def train(c, workdir: str, *, stop_after: int | None = None):
     if primary and c.train.plot:
         metrics_lib.plot_curves(workdir, os.path.join(workdir, "loss.png"))
     return cfg, state.params, vocab, va_lines
-
-
-def _say(msg: str) -> None:
-    if jax.process_index() == 0:
-        print(msg, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -429,7 +424,7 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
     src = to_tokens(held, cfg.src_len, vocab)
     rec = _batched(rec_fn, src, bs)
     report = {"reconstruction": reconstruction_metrics(src, rec, cfg.pad_id)}
-    _say(f"reconstruction (held-out, from mu): {report['reconstruction']}")
+    training.say(f"reconstruction (held-out, from mu): {report['reconstruction']}")
 
     # multi-scale: resample the lowest vs the highest latent layer
     ms_lines = [va_lines[i] for i in order[:e.n_resample]]
@@ -451,7 +446,7 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
                                 ("minilm_cosine" not in high or
                                  high["minilm_cosine"]["mean"] < low["minilm_cosine"]["mean"]))
     report["multiscale"] = ms
-    _say(f"multi-scale: lowest {low}  highest {high}")
+    training.say(f"multi-scale: lowest {low}  highest {high}")
 
     # prior samples
     prior_fn = jax.jit(lambda p, k: U.decode(p, cfg, U.sample_prior(k, cfg, e.n_prior), **dkw))
@@ -464,7 +459,7 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
         fake = line_bits_per_byte(lm_cfg, lm_params, [p for p in prior if p] or [""], lm_len)
         report["prior"].update({"lm_variant": e.lm_variant, "bits_per_byte_prior": fake,
                                 "bits_per_byte_heldout": real, "gap": fake - real})
-        _say(f"prior samples {fake:.3f} bits/byte vs held-out lines {real:.3f} under the byte LM")
+        training.say(f"prior samples {fake:.3f} bits/byte vs held-out lines {real:.3f} under the byte LM")
 
     # samples.md
     lines_md = ["# UniVAE samples", "", f"Decoding: {e.method}. Held-out lines come from plays never trained on.",

@@ -64,7 +64,7 @@ def validate(config):
         raise ValueError(f"config.upscale.symmetry must be one of {upscale.SYMMETRY_METHODS}, got {u.symmetry!r}")
     if u.noise_db is not None:
         try:
-            upscale._check_symmetry(small, u.noise_db, u.symmetry, jax.random.PRNGKey(0), upscale.WidenRules())
+            upscale.check_symmetry(small, u.noise_db, u.symmetry, jax.random.PRNGKey(0), upscale.WidenRules())
         except ValueError as e:
             raise ValueError(f"config.upscale.{e}") from None
     if u.schedule not in SCHEDULES:

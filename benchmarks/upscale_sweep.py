@@ -13,7 +13,10 @@ by run; the runs execute in parallel, in the order below, so a deadline cuts the
      {mapped, fresh};
   3. seeds 1 and 2 of the settings most likely to be best (``SEEDED``);
   4. factor 4, depth x2 (GPT preset, Pre-LN), the MLM objective: B at three rates and A's centre each;
-  5. the size study: d 32->64 and 128->256 (64->128 is the main model), B at three rates and A's centre.
+  5. the size study: d 32->64 and 128->256 (64->128 is the main model), B at three rates and A's centre;
+     and arm A with the main job's own defaults (``configs/upscale.py``, no centre overrides) at seeds 0, 1, 2
+     (``A/size .../default/sN``), each against B at that size's best rate and the same seed (B's extra seeds
+     are added to the plan once its best rate is known).
 Then (``--analyze-only`` does only this) every A run is compared with the B run of its model and seed at
 B's best learning rate (lowest final validation loss at seed 0: a saving against an untuned baseline is not
 a saving), with the job's own ``compute_saving``; the tables go to ``sweep.md`` and the rows to
@@ -65,6 +68,31 @@ OTHER_MODELS = {"k4": (None, {"upscale.factor": 4}), "depth2_gpt": ("gpt", {"ups
                 "mlm": ("mlm", {})}
 SIZES = {"32->64": dict(d_model=32, num_heads=2, head_dim=16, d_ff=128),
          "128->256": dict(d_model=128, num_heads=8, head_dim=16, d_ff=512)}
+#: arm B's learning rates where a model needs another grid than ``LRS`` (d 64 was best at the top of LRS on the GPU)
+MODEL_LRS = {"size 32->64": [3e-3, 6e-3, 1.2e-2], "size 32->64 depth2_gpt": [3e-3, 6e-3, 1.2e-2]}
+SIZE_SEEDS = (0, 1, 2)
+#: the second sweep, one factor at a time around the job's own defaults (configs/upscale.py) at d 32 -> 64 and
+#: the main job's length (1,500 steps), seed 0: the grid items the first sweep (``reduced``, 750 steps, around
+#: the old "continue" centre) did not cover, and late widening with a schedule of its own. "restart R" gives the
+#: big phase a fresh warmup + full decay over R x B's steps; arm A still runs to the target (or the cap), so a
+#: schedule too short to reach it shows up as a late reach at the final rate, not as a missing row.
+AROUND = [
+    ("widen_at", "2/3 restart 1/3", {"upscale.widen_frac": 2 / 3, "upscale.schedule": "restart",
+                                     "upscale.big_frac": 1 / 3}),
+    ("widen_at", "2/3", {"upscale.widen_frac": 2 / 3}),
+    ("noise", "-20 dB", {"upscale.noise_db": -20.0}),
+    ("noise", "-40 dB", {"upscale.noise_db": -40.0}),
+    ("noise", "fan_out -10 dB", {"upscale.symmetry": "fan_out"}),
+    ("widen_at", "2/3 restart 1/2", {"upscale.widen_frac": 2 / 3, "upscale.schedule": "restart",
+                                     "upscale.big_frac": 0.5}),
+    ("widen_at", "1/3", {"upscale.widen_frac": 1 / 3}),
+]
+#: factor 4 at the main size: d 32 (4 heads x 8, d_ff 128) -> d 128 (4 x 32, d_ff 512) is exactly the main job's
+#: big model, so arm A is compared with the main job's own arm B (``--main-baseline``)
+K4_FROM_32 = {"upscale.factor": 4, "model.d_model": 32, "model.head_dim": 8, "model.d_ff": 128}
+
+def lrs_for(model: str) -> list[float]:
+    return MODEL_LRS.get(model, LRS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,6 +104,7 @@ def _config(spec: dict):
     c.train.plot = False
     ov = dict(spec["overrides"])
     frac = ov.pop("upscale.widen_frac", None)
+    big_frac = ov.pop("upscale.big_frac", None)
     for key, value in ov.items():
         node = c
         *parents, leaf = key.split(".")
@@ -84,6 +113,8 @@ def _config(spec: dict):
         node[leaf] = tuple(value) if isinstance(value, list) else value
     if frac is not None:
         c.upscale.widen_at = max(1, int(round(frac * c.train.steps)))
+    if big_frac is not None:
+        c.upscale.big_steps = max(1, int(round(big_frac * c.train.steps)))
     return c
 
 
@@ -105,7 +136,8 @@ def run_one(spec: dict) -> dict:
         return {**spec, "error": f"{type(e).__name__}: {e}"[:300], "seconds": round(time.time() - t0, 1)}
     keep = ("final_loss_upscaled", "final_loss_scratch", "flops_scratch_total", "flops_upscaled_total",
             "max_abs_logit_diff", "loss_before_widen", "loss_after_widen", "widen_flops", "unigram_entropy",
-            "copy_cosine", "curves", "big_steps_run")
+            "copy_cosine", "curves", "big_steps_run", "target_loss", "compute_saving", "compute_saving_given_small",
+            "loss_gap_at_equal_flops", "cap_hit")
     return {**spec, **{k: rep.get(k) for k in keep}, "seconds": round(time.time() - t0, 1)}
 
 
@@ -132,7 +164,11 @@ def spec(workdir: str, scale: str, name: str, model: str, overrides: dict, varia
             overrides = {**overrides, "model.residual": "pre"}
     return {"name": name, "model": model, "variant": variant or "default",
             "overrides": {**base_overrides(scale), **overrides},
-            "workdir": os.path.join(workdir, name.replace(" ", "_").replace("/", "-").replace(">", ""))}
+            "workdir": os.path.join(workdir, _dirname(name))}
+
+
+def _dirname(name: str) -> str:
+    return name.replace(" ", "_").replace("/", "-").replace(">", "")
 
 
 def b_name(model: str, lr: float, seed: int) -> str:
@@ -154,8 +190,22 @@ def plan(workdir: str, scale: str) -> list[dict]:
         models.update({f"size {k}": (None, {f"model.{f}": v for f, v in dims.items()}) for k, dims in SIZES.items()})
     for model, (variant, ov) in models.items():
         runs += [S(b_name(model, lr, 0), model, {**ov, "optim.lr": lr, "upscale.arms": ("scratch",)}, variant=variant)
-                 for lr in LRS]
+                 for lr in lrs_for(model)]
         runs += [S(f"A/{model}/centre", model, {**CENTRE, **ov, **arm_a}, variant=variant)]
+        if model.startswith("size"):
+            runs += [S(f"A/{model}/default/s{s}", model, {**ov, **arm_a, "seed": s}, variant=variant)
+                     for s in SIZE_SEEDS]
+            if model == "size 32->64":
+                runs += [S(f"A/{model}/{f}={label}", model, {**ov, **aov, **arm_a}, variant=variant)
+                         for f, label, aov in AROUND]
+    if scale != "tiny":
+        runs += [S("A/main/factor=4 from d 32", "main", {**K4_FROM_32, **arm_a})]
+        models_depth = {"size 32->64 depth2_gpt": ("gpt", {**{f"model.{f}": v for f, v in SIZES["32->64"].items()},
+                                                           "upscale.depth_factor": 2})}
+        for model, (variant, ov) in models_depth.items():
+            runs += [S(b_name(model, lr, 0), model, {**ov, "optim.lr": lr, "upscale.arms": ("scratch",)},
+                       variant=variant) for lr in lrs_for(model)]
+            runs += [S(f"A/{model}/default", model, {**ov, **arm_a}, variant=variant)]
     return runs
 
 
@@ -208,11 +258,20 @@ def analyze(rows: list[dict]) -> dict:
     by = {r["name"]: r for r in rows}
     best = {}
     for model in sorted({r["model"] for r in rows}):
-        cands = [(by[b_name(model, lr, 0)]["final_loss_scratch"], lr) for lr in LRS if b_name(model, lr, 0) in by]
+        cands = [(by[b_name(model, lr, 0)]["final_loss_scratch"], lr) for lr in lrs_for(model)
+                 if b_name(model, lr, 0) in by]
         if cands:
             best[model] = min(cands)[1]
     results = []
     for r in rows:
+        if r["name"].startswith("A/") and r["model"] not in best and r.get("target_loss") is not None:
+            # measured against an arm B outside the sweep (``--main-baseline``): the job's own figures
+            results.append({"name": r["name"], "model": r["model"], "seed": r["overrides"].get("seed", 0),
+                            "b_lr": r["overrides"].get("optim.lr"), "final_loss_upscaled": r["final_loss_upscaled"],
+                            "copy_cosine_end": r["copy_cosine"][-1]["cosine"] if r.get("copy_cosine") else None,
+                            **{k: r[k] for k in ("target_loss", "compute_saving", "compute_saving_given_small",
+                                                 "loss_gap_at_equal_flops")}})
+            continue
         if not r["name"].startswith("A/") or r["model"] not in best:
             continue
         seed = r["overrides"].get("seed", 0)
@@ -241,8 +300,8 @@ def analyze(rows: list[dict]) -> dict:
             seeded[key] = {k: ms(k) for k in ("compute_saving", "compute_saving_given_small",
                                               "loss_gap_at_equal_flops")}
     return {"best_lr": best, "results": results, "seeds": seeded,
-            "b_final": {m: {f"{lr:g}": by[b_name(m, lr, s)]["final_loss_scratch"]
-                            for lr in LRS for s in (0,) if b_name(m, lr, s) in by} for m in best}}
+            "b_final": {m: {f"{lr:g}": by[b_name(m, lr, 0)]["final_loss_scratch"]
+                            for lr in lrs_for(m) if b_name(m, lr, 0) in by} for m in best}}
 
 
 def _f(v, nd=3):
@@ -251,9 +310,9 @@ def _f(v, nd=3):
 
 def tables(an: dict) -> str:
     out = ["## Arm B: final validation loss at each learning rate (seed 0)", "",
-           "| big model | " + " | ".join(f"lr {lr:g}" for lr in LRS) + " | best |", "|---|" + "---|" * (len(LRS) + 1)]
+           "| big model | final loss at each lr | best |", "|---|---|---|"]
     for m, vals in an["b_final"].items():
-        out.append(f"| {m} | " + " | ".join(_f(vals.get(f"{lr:g}"), 4) for lr in LRS) + f" | {an['best_lr'][m]:g} |")
+        out.append(f"| {m} | " + ", ".join(f"{lr}: {_f(v, 4)}" for lr, v in vals.items()) + f" | {an['best_lr'][m]:g} |")
     out += ["", "## Arm A against the tuned arm B (seed 0)", "",
             "| run | compute saving | given small | loss gap at B's FLOPs | A's final loss | target (B) | copy cosine at end |",
             "|---|---|---|---|---|---|---|"]
@@ -273,21 +332,126 @@ def tables(an: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_plan(runs: list[dict], workdir: str, workers: int, deadline: float, cap: float) -> list[dict]:
+#: the widths of the size study (model name -> small d_model -> big d_model); "main" is configs/upscale.py's own
+SIZE_MODELS = (("size 32->64", 32, 64), ("main", 64, 128), ("size 128->256", 128, 256))
+
+
+def size_study(an: dict, main_report: dict | None = None) -> list[dict]:
+    """One row per width: the job's defaults (``A/<model>/default/sN``) against B at the size's best rate and
+    the same seed, mean +/- sample std over seeds; the main model's row may come from the main job's own
+    multi-seed ``report.json`` (``--main-report``)."""
+    import numpy as np  # noqa: PLC0415
+    out = []
+    for model, d_small, d_big in SIZE_MODELS:
+        rs = [r for r in an["results"] if r["model"] == model and r["name"].startswith(f"A/{model}/default/s")]
+        keys = ("compute_saving", "compute_saving_given_small", "loss_gap_at_equal_flops", "target_loss")
+        if rs:
+            def ms(k, rs=rs):
+                v = [r[k] for r in rs if r[k] is not None]
+                return {"mean": float(np.mean(v)) if v else None,
+                        "std": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v), "of": len(rs)}
+            row = {k: ms(k) for k in keys}
+            row["b_lr"] = an["best_lr"].get(model)
+        elif model == "main" and main_report is not None:
+            seeds = main_report.get("seeds") or [0]
+            row = {k: ({**main_report[k], "of": len(seeds)} if isinstance(main_report.get(k), dict) else
+                       {"mean": main_report.get(k), "std": None, "n": int(main_report.get(k) is not None), "of": 1})
+                   for k in keys[:3]}
+            fs = main_report.get("final_loss_scratch")
+            row["target_loss"] = ({**fs, "of": len(seeds)} if isinstance(fs, dict) else
+                                  {"mean": fs, "std": None, "n": 1, "of": 1})
+            row["b_lr"] = main_report.get("settings", {}).get("lr")
+        else:
+            continue
+        out.append({"model": model, "d_small": d_small, "d_big": d_big, **row})
+    return out
+
+
+def size_table(rows: list[dict]) -> str:
+    def cell(d, nd=2):
+        if d is None or d["mean"] is None:
+            return "not reached"
+        sd = "" if d["std"] is None else f" ± {d['std']:.{nd}f}"
+        return f"{d['mean']:.{nd}f}{sd} ({d['n']}/{d['of']})"
+    out = ["## Size study: the job's defaults at three widths (mean ± sample std; (n/of) = seeds that reached)", "",
+           "| widths | B's lr | target (B's final loss) | compute saving | given small | loss gap A − B at B's FLOPs |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| d {r['d_small']} → {r['d_big']} | {r['b_lr']:g} | {cell(r['target_loss'], 4)} | "
+                   f"{cell(r['compute_saving'])} | {cell(r['compute_saving_given_small'])} | "
+                   f"{cell(r['loss_gap_at_equal_flops'], 4)} |")
+    return "\n".join(out) + "\n"
+
+
+def plot_size_study(rows: list[dict], path: str) -> bool:
+    """Saving (both ratios) and loss gap against the big model's width, with seed error bars."""
+    try:
+        import matplotlib  # noqa: PLC0415
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt  # noqa: PLC0415
+    except ImportError:
+        return False
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    x = [r["d_big"] for r in rows]
+    for key, label in (("compute_saving", "compute saving"), ("compute_saving_given_small", "given the small model")):
+        y = [r[key]["mean"] if r[key] and r[key]["mean"] is not None else float("nan") for r in rows]
+        e = [(r[key]["std"] or 0.0) if r[key] else 0.0 for r in rows]
+        a1.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
+    a1.axhline(1.0, color="grey", lw=0.8, ls="--")
+    a1.set(xscale="log", xlabel="big model d_model (4 layers, 1,500 steps)", ylabel="B's FLOPs / A's FLOPs to B's final loss",
+           title="saving vs width")
+    a1.set_xticks(x, [str(v) for v in x])
+    a1.legend()
+    g = [r["loss_gap_at_equal_flops"]["mean"] if r["loss_gap_at_equal_flops"]["mean"] is not None else float("nan")
+         for r in rows]
+    ge = [r["loss_gap_at_equal_flops"]["std"] or 0.0 for r in rows]
+    a2.errorbar(x, g, yerr=ge, marker="o", capsize=3, color="C3")
+    a2.axhline(0.0, color="grey", lw=0.8, ls="--")
+    a2.set(xscale="log", xlabel="big model d_model", ylabel="A − B at B's final FLOPs (nats/byte)",
+           title="loss gap at equal compute (< 0: growth ahead)")
+    a2.set_xticks(x, [str(v) for v in x])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run_plan(runs: list[dict], workdir: str, workers: int, deadline: float, cap: float,
+             main_baseline: str = "") -> list[dict]:
     """Arm B runs first; then every A run is given the B run of its model and seed at B's best rate as
-    ``upscale.baseline`` (so it stops once it has reached B's final loss and spent B's FLOPs, or at ``cap``)."""
+    ``upscale.baseline`` (so it stops once it has reached B's final loss and spent B's FLOPs, or at ``cap``).
+    ``main_baseline``: a finished main job (``train.py --config=configs/upscale.py``, one seed or several) whose
+    arm B serves the main model's A runs when this sweep has no B of its own for it (at the job's own rate)."""
     t0 = time.time()
-    rows = execute([r for r in runs if r["name"].startswith("B/")], workdir, workers, deadline)
+    b_runs = [r for r in runs if r["name"].startswith("B/")]
+    rows = execute(b_runs, workdir, workers, deadline)
     best = analyze(rows)["best_lr"]
+    # arm B at the best rate for every seed an A run needs (seeds > 0 are planned only now that the rate is known)
+    have = {r["name"]: {k: r[k] for k in ("name", "model", "variant", "overrides", "workdir")} for r in rows}
+    extra = {}
+    for r in runs:
+        if r["name"].startswith("A/") and r["model"] in best:
+            seed = r["overrides"].get("seed", 0)
+            name = b_name(r["model"], best[r["model"]], seed)
+            seed0 = have.get(b_name(r["model"], best[r["model"]], 0))
+            if name not in have and name not in extra and seed0 is not None:
+                extra[name] = {**seed0, "name": name, "overrides": {**seed0["overrides"], "seed": seed},
+                               "workdir": os.path.join(workdir, _dirname(name))}
+    if extra:
+        rows = execute(list(extra.values()), workdir, workers, deadline)
     a_runs = []
     for r in runs:
         if r["name"].startswith("A/") and r["model"] in best:
             seed = r["overrides"].get("seed", 0)
-            base = os.path.join(workdir, b_name(r["model"], best[r["model"]], seed).replace("/", "-").replace(" ", "_")
-                                .replace(">", ""))
+            base = os.path.join(workdir, _dirname(b_name(r["model"], best[r["model"]], seed)))
             if os.path.isdir(os.path.join(base, "b_scratch")):
                 a_runs.append({**r, "overrides": {**r["overrides"], "upscale.baseline": base, "upscale.cap": cap,
                                                   "optim.lr": best[r["model"]]}})
+        elif r["name"].startswith("A/") and r["model"] == "main" and main_baseline:
+            seed = r["overrides"].get("seed", 0)
+            multi = os.path.join(main_baseline, f"seed_{seed}")
+            base = multi if os.path.isdir(multi) else main_baseline
+            a_runs.append({**r, "overrides": {**r["overrides"], "upscale.baseline": base, "upscale.cap": cap}})
     left = deadline - (time.time() - t0) if deadline > 0 else 0.0
     return execute(a_runs, workdir, workers, max(left, 1.0) if deadline > 0 else 0.0)
 
@@ -301,6 +465,10 @@ def main(argv=None):
     ap.add_argument("--analyze-only", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated run-name prefixes to run (default: the whole plan)")
     ap.add_argument("--cap", type=float, default=2.0, help="arm A's FLOPs cap in units of B's (upscale.cap)")
+    ap.add_argument("--main-report", default="", help="the main job's multi-seed report.json: the size study's "
+                    "d 64 -> 128 row when the sweep did not run it")
+    ap.add_argument("--main-baseline", default="", help="a finished main job's workdir: arm B for the main "
+                    "model's A runs (e.g. factor 4 from d 32) when the sweep runs no B of its own")
     ap.add_argument("--lrs", default=",".join(f"{x:g}" for x in LRS), help="arm B's learning rates")
     args = ap.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
@@ -314,11 +482,19 @@ def main(argv=None):
             prefixes = args.only.split(",")
             runs = [r for p in prefixes for r in runs if r["name"].startswith(p)]
             runs = list({r["name"]: r for r in runs}.values())
-        rows = run_plan(runs, args.workdir, args.workers, args.deadline, args.cap)
+        rows = run_plan(runs, args.workdir, args.workers, args.deadline, args.cap, args.main_baseline)
     an = analyze(rows)
+    main_report = None
+    if args.main_report:
+        with open(args.main_report) as f:
+            main_report = json.load(f)
+    an["size_study"] = size_study(an, main_report)
     with open(os.path.join(args.workdir, "analysis.json"), "w") as f:
         json.dump(an, f, indent=1)
     md = f"# Upscaling sweep ({args.scale})\n\n" + tables(an)
+    if an["size_study"]:
+        md += "\n" + size_table(an["size_study"])
+        plot_size_study(an["size_study"], os.path.join(args.workdir, "size_study.png"))
     with open(os.path.join(args.workdir, "sweep.md"), "w") as f:
         f.write(md)
     print(md)

@@ -262,3 +262,61 @@ def test_sweep_plan_covers_the_issue_grid_and_analysis_uses_the_tuned_baseline(t
     want = upscale_experiment.compute_saving(a_curve, b_curve(2.0), small_flops=2.0, warmup_flops=5.0)
     assert res["compute_saving"] == pytest.approx(want["compute_saving"]) == pytest.approx(20.0 / 6.0)
     assert "| A/centre | 3.33 | 5.00 |" in sw.tables(an)
+
+
+def test_sweep_size_study_rows_use_each_sizes_tuned_baseline_and_the_main_report(tmp_path):
+    sw = _sweep_module()
+    runs = {r["name"]: r for r in sw.plan(str(tmp_path), "default")}
+    # the size study runs the job's defaults (no centre overrides) at three seeds, and d 64 gets its own lr grid
+    for s in (0, 1, 2):
+        ov = runs[f"A/size 32->64/default/s{s}"]["overrides"]
+        assert ov["seed"] == s and "upscale.schedule" not in ov and ov["model.d_model"] == 32
+    assert [f"B/size 32->64/lr{lr:g}/s0" in runs for lr in (3e-3, 6e-3, 1.2e-2)] == [True] * 3
+    late = runs["A/size 32->64/widen_at=2/3 restart 1/3"]["overrides"]
+    c = sw._config(runs["A/size 32->64/widen_at=2/3 restart 1/3"])
+    assert (c.upscale.widen_at, c.upscale.big_steps, c.upscale.schedule) == (1000, 500, "restart")
+    assert late["upscale.big_frac"] == pytest.approx(1 / 3)
+    # factor 4 from d 32 lands exactly on the main job's big model (so the main job's arm B is its baseline)
+    k4 = sw._config(runs["A/main/factor=4 from d 32"])
+    main = sw._config({"overrides": {}, "variant": "default"})
+    d, u = k4.model, k4.upscale
+    assert (d.d_model * u.factor, d.head_dim * u.factor, d.d_ff * u.factor, d.num_heads) == (
+        main.model.d_model * main.upscale.factor, main.model.head_dim * main.upscale.factor,
+        main.model.d_ff * main.upscale.factor, main.model.num_heads)
+    # an A row measured against an arm B outside the sweep keeps the job's own figures
+    ext = {"name": "A/main/factor=4 from d 32", "model": "main", "overrides": {"optim.lr": 3e-3},
+           "final_loss_upscaled": 1.7, "target_loss": 1.63, "compute_saving": 0.5,
+           "compute_saving_given_small": 0.6, "loss_gap_at_equal_flops": 0.07}
+    res = sw.analyze([ext])["results"]
+    assert res[0]["compute_saving"] == 0.5 and res[0]["b_lr"] == 3e-3
+
+    b_curve = lambda final: [{"step": 0, "flops": 0.0, "val_loss": 5.0}, {"step": 10, "flops": 10.0, "val_loss": 3.0},  # noqa: E731
+                             {"step": 20, "flops": 20.0, "val_loss": final}]
+    a_curve = lambda at: [{"step": 0, "flops": 0.0, "val_loss": 5.0}, {"step": 5, "flops": at, "val_loss": 2.0},  # noqa: E731
+                          {"step": 20, "flops": 20.0, "val_loss": 1.9}]
+    rows = [{"name": f"B/size 32->64/lr{lr:g}/s{s}", "model": "size 32->64", "variant": "default",
+             "overrides": {"optim.lr": lr, "seed": s}, "final_loss_scratch": final + s * 0.01,
+             "curves": {"scratch (B)": b_curve(final + s * 0.01)}}
+            for lr, final in ((3e-3, 2.1), (6e-3, 2.0), (1.2e-2, 2.4)) for s in ((0, 1) if lr == 6e-3 else (0,))]
+    rows += [{"name": f"A/size 32->64/default/s{s}", "model": "size 32->64", "variant": "default",
+              "overrides": {"seed": s}, "curves": {"upscaled (A)": a_curve(at)}, "widen_flops": 1.0,
+              "final_loss_upscaled": 1.9} for s, at in ((0, 4.0), (1, 5.0))]
+    an = sw.analyze(rows)
+    assert an["best_lr"] == {"size 32->64": 6e-3}
+    main = {"seeds": [0, 1, 2], "settings": {"lr": 3e-3},
+            "compute_saving": {"mean": 0.9, "std": 0.05, "n": 3, "missing": 0},
+            "compute_saving_given_small": {"mean": 0.95, "std": 0.04, "n": 3, "missing": 0},
+            "loss_gap_at_equal_flops": {"mean": 0.01, "std": 0.002, "n": 3, "missing": 0},
+            "final_loss_scratch": {"mean": 1.63, "std": 0.007, "n": 3, "missing": 0}}
+    small, mid = sw.size_study(an, main)
+    # each A seed against B(best lr, same seed): targets 2.0 and 2.01 are reached at 4 and 5 FLOPs
+    want = [upscale_experiment.compute_saving(a_curve(at), b_curve(t), small_flops=1.0)["compute_saving"]
+            for at, t in ((4.0, 2.0), (5.0, 2.01))]
+    assert small["compute_saving"]["mean"] == pytest.approx(np.mean(want))
+    assert small["compute_saving"]["std"] == pytest.approx(np.std(want, ddof=1))
+    assert small["b_lr"] == 6e-3 and (small["d_small"], small["d_big"]) == (32, 64)
+    assert mid["model"] == "main" and mid["compute_saving"]["mean"] == 0.9 and mid["target_loss"]["mean"] == 1.63
+    table = sw.size_table([small, mid])
+    assert f"| d 32 → 64 | 0.006 | 2.0050 ± 0.0071 (2/2) | {np.mean(want):.2f} ± {np.std(want, ddof=1):.2f} (2/2)" in table
+    assert "| d 64 → 128 | 0.003 | 1.6300 ± 0.0070 (3/3) | 0.90 ± 0.05 (3/3) | 0.95 ± 0.04 (3/3)" in table
+    assert sw.plot_size_study([small, mid], str(tmp_path / "size.png")) and (tmp_path / "size.png").stat().st_size > 0

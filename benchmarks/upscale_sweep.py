@@ -68,8 +68,9 @@ OTHER_MODELS = {"k4": (None, {"upscale.factor": 4}), "depth2_gpt": ("gpt", {"ups
                 "mlm": ("mlm", {})}
 SIZES = {"32->64": dict(d_model=32, num_heads=2, head_dim=16, d_ff=128),
          "128->256": dict(d_model=128, num_heads=8, head_dim=16, d_ff=512)}
-#: arm B's learning rates where a model needs another grid than ``LRS`` (d 64 was best at the top of LRS on the GPU)
-MODEL_LRS = {"size 32->64": [3e-3, 6e-3, 1.2e-2], "size 32->64 depth2_gpt": [3e-3, 6e-3, 1.2e-2]}
+#: arm B's learning rates where a model needs another grid than ``LRS`` (d 64 was best at the top of LRS on the GPU;
+#: the 8-layer Pre-LN GPT at d 64 was best at 1.2e-2, the top of its first grid, so it gets 2.4e-2 as well)
+MODEL_LRS = {"size 32->64": [3e-3, 6e-3, 1.2e-2], "size 32->64 depth2_gpt": [3e-3, 6e-3, 1.2e-2, 2.4e-2]}
 SIZE_SEEDS = (0, 1, 2)
 #: the second sweep, one factor at a time around the job's own defaults (configs/upscale.py) at d 32 -> 64 and
 #: the main job's length (1,500 steps), seed 0: the grid items the first sweep (``reduced``, 750 steps, around

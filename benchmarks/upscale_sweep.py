@@ -398,10 +398,14 @@ def plot_size_study(rows: list[dict], path: str) -> bool:
         y = [r[key]["mean"] if r[key] and r[key]["mean"] is not None else float("nan") for r in rows]
         e = [(r[key]["std"] or 0.0) if r[key] else 0.0 for r in rows]
         a1.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
+    for r in rows:  # a width whose arm A never reached B's final loss has no saving: say so on the panel
+        if r["compute_saving"]["mean"] is None:
+            a1.annotate(f"d {r['d_big']}: not reached", (r["d_big"], 1.0), ha="right", va="bottom", color="C3")
     a1.axhline(1.0, color="grey", lw=0.8, ls="--")
     a1.set(xscale="log", xlabel="big model d_model (4 layers, 1,500 steps)", ylabel="B's FLOPs / A's FLOPs to B's final loss",
            title="saving vs width")
     a1.set_xticks(x, [str(v) for v in x])
+    a1.minorticks_off()
     a1.legend()
     g = [r["loss_gap_at_equal_flops"]["mean"] if r["loss_gap_at_equal_flops"]["mean"] is not None else float("nan")
          for r in rows]
@@ -411,6 +415,7 @@ def plot_size_study(rows: list[dict], path: str) -> bool:
     a2.set(xscale="log", xlabel="big model d_model", ylabel="A − B at B's final FLOPs (nats/byte)",
            title="loss gap at equal compute (< 0: growth ahead)")
     a2.set_xticks(x, [str(v) for v in x])
+    a2.minorticks_off()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -394,28 +394,29 @@ def plot_size_study(rows: list[dict], path: str) -> bool:
         return False
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     x = [r["d_big"] for r in rows]
-    for key, label in (("compute_saving", "compute saving"), ("compute_saving_given_small", "given the small model")):
+
+    def series(ax, key, **kw):  # mean +/- std of one figure against the width (nan where no seed reached)
         y = [r[key]["mean"] if r[key] and r[key]["mean"] is not None else float("nan") for r in rows]
         e = [(r[key]["std"] or 0.0) if r[key] else 0.0 for r in rows]
-        a1.errorbar(x, y, yerr=e, marker="o", capsize=3, label=label)
+        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, **kw)
+
+    def width_axis(ax, ref, **labels):
+        ax.axhline(ref, color="grey", lw=0.8, ls="--")
+        ax.set(xscale="log", **labels)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.minorticks_off()
+
+    series(a1, "compute_saving", label="compute saving")
+    series(a1, "compute_saving_given_small", label="given the small model")
     for r in rows:  # a width whose arm A never reached B's final loss has no saving: say so on the panel
         if r["compute_saving"]["mean"] is None:
             a1.annotate(f"d {r['d_big']}: not reached", (r["d_big"], 1.0), ha="right", va="bottom", color="C3")
-    a1.axhline(1.0, color="grey", lw=0.8, ls="--")
-    a1.set(xscale="log", xlabel="big model d_model (4 layers, 1,500 steps)", ylabel="B's FLOPs / A's FLOPs to B's final loss",
-           title="saving vs width")
-    a1.set_xticks(x, [str(v) for v in x])
-    a1.minorticks_off()
+    width_axis(a1, 1.0, xlabel="big model d_model (4 layers, 1,500 steps)",
+               ylabel="B's FLOPs / A's FLOPs to B's final loss", title="saving vs width")
     a1.legend()
-    g = [r["loss_gap_at_equal_flops"]["mean"] if r["loss_gap_at_equal_flops"]["mean"] is not None else float("nan")
-         for r in rows]
-    ge = [r["loss_gap_at_equal_flops"]["std"] or 0.0 for r in rows]
-    a2.errorbar(x, g, yerr=ge, marker="o", capsize=3, color="C3")
-    a2.axhline(0.0, color="grey", lw=0.8, ls="--")
-    a2.set(xscale="log", xlabel="big model d_model", ylabel="A − B at B's final FLOPs (nats/byte)",
-           title="loss gap at equal compute (< 0: growth ahead)")
-    a2.set_xticks(x, [str(v) for v in x])
-    a2.minorticks_off()
+    series(a2, "loss_gap_at_equal_flops", color="C3")
+    width_axis(a2, 0.0, xlabel="big model d_model", ylabel="A − B at B's final FLOPs (nats/byte)",
+               title="loss gap at equal compute (< 0: growth ahead)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

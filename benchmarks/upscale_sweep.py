@@ -201,12 +201,11 @@ def plan(workdir: str, scale: str) -> list[dict]:
                          for f, label, aov in AROUND]
     if scale != "tiny":
         runs += [S("A/main/factor=4 from d 32", "main", {**K4_FROM_32, **arm_a})]
-        models_depth = {"size 32->64 depth2_gpt": ("gpt", {**{f"model.{f}": v for f, v in SIZES["32->64"].items()},
-                                                           "upscale.depth_factor": 2})}
-        for model, (variant, ov) in models_depth.items():
-            runs += [S(b_name(model, lr, 0), model, {**ov, "optim.lr": lr, "upscale.arms": ("scratch",)},
-                       variant=variant) for lr in lrs_for(model)]
-            runs += [S(f"A/{model}/default", model, {**ov, **arm_a}, variant=variant)]
+        model = "size 32->64 depth2_gpt"  # depth x 2 with width x 2 (item 7), its own tuned B
+        ov = {**{f"model.{f}": v for f, v in SIZES["32->64"].items()}, "upscale.depth_factor": 2}
+        runs += [S(b_name(model, lr, 0), model, {**ov, "optim.lr": lr, "upscale.arms": ("scratch",)}, variant="gpt")
+                 for lr in lrs_for(model)]
+        runs += [S(f"A/{model}/default", model, {**ov, **arm_a}, variant="gpt")]
     return runs
 
 
@@ -255,7 +254,6 @@ def execute(runs: list[dict], workdir: str, workers: int, deadline: float) -> li
 def analyze(rows: list[dict]) -> dict:
     """Compare each A run with B at B's best rate (same model, same seed); returns the result tables."""
     from kexue_jax.experiments import upscale as experiment  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
     by = {r["name"]: r for r in rows}
     best = {}
     for model in sorted({r["model"] for r in rows}):
@@ -294,15 +292,19 @@ def analyze(rows: list[dict]) -> dict:
     seeded = {}
     for key, rs in groups.items():
         if len(rs) > 1:
-            def ms(k):
-                v = [x[k] for x in rs if x[k] is not None]
-                return {"mean": float(np.mean(v)) if v else None,
-                        "std": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v), "of": len(rs)}
-            seeded[key] = {k: ms(k) for k in ("compute_saving", "compute_saving_given_small",
-                                              "loss_gap_at_equal_flops")}
+            seeded[key] = {k: seed_stats([x[k] for x in rs]) for k in ("compute_saving", "compute_saving_given_small",
+                                                                     "loss_gap_at_equal_flops")}
     return {"best_lr": best, "results": results, "seeds": seeded,
             "b_final": {m: {f"{lr:g}": by[b_name(m, lr, 0)]["final_loss_scratch"]
                             for lr in lrs_for(m) if b_name(m, lr, 0) in by} for m in best}}
+
+
+def seed_stats(values: list) -> dict:
+    """Mean and sample std (ddof 1; None for one value) over the seeds that reached (``n``) of all (``of``)."""
+    import numpy as np  # noqa: PLC0415
+    v = [x for x in values if x is not None]
+    return {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "n": len(v), "of": len(values)}
 
 
 def _f(v, nd=3):
@@ -341,26 +343,20 @@ def size_study(an: dict, main_report: dict | None = None) -> list[dict]:
     """One row per width: the job's defaults (``A/<model>/default/sN``) against B at the size's best rate and
     the same seed, mean +/- sample std over seeds; the main model's row may come from the main job's own
     multi-seed ``report.json`` (``--main-report``)."""
-    import numpy as np  # noqa: PLC0415
+    #: row key -> the main report's key (its target is B's final loss)
+    from_report = {"compute_saving": "compute_saving", "compute_saving_given_small": "compute_saving_given_small",
+                   "loss_gap_at_equal_flops": "loss_gap_at_equal_flops", "target_loss": "final_loss_scratch"}
     out = []
     for model, d_small, d_big in SIZE_MODELS:
         rs = [r for r in an["results"] if r["model"] == model and r["name"].startswith(f"A/{model}/default/s")]
-        keys = ("compute_saving", "compute_saving_given_small", "loss_gap_at_equal_flops", "target_loss")
         if rs:
-            def ms(k, rs=rs):
-                v = [r[k] for r in rs if r[k] is not None]
-                return {"mean": float(np.mean(v)) if v else None,
-                        "std": float(np.std(v, ddof=1)) if len(v) > 1 else None, "n": len(v), "of": len(rs)}
-            row = {k: ms(k) for k in keys}
+            row = {k: seed_stats([r[k] for r in rs]) for k in from_report}
             row["b_lr"] = an["best_lr"].get(model)
         elif model == "main" and main_report is not None:
-            seeds = main_report.get("seeds") or [0]
-            row = {k: ({**main_report[k], "of": len(seeds)} if isinstance(main_report.get(k), dict) else
-                       {"mean": main_report.get(k), "std": None, "n": int(main_report.get(k) is not None), "of": 1})
-                   for k in keys[:3]}
-            fs = main_report.get("final_loss_scratch")
-            row["target_loss"] = ({**fs, "of": len(seeds)} if isinstance(fs, dict) else
-                                  {"mean": fs, "std": None, "n": 1, "of": 1})
+            of = len(main_report.get("seeds") or [0])
+            # a multi-seed report holds {mean, std, n, missing} per figure, a one-seed report the figure itself
+            row = {k: {**v, "of": of} if isinstance(v, dict) else seed_stats([v])
+                   for k, v in ((k, main_report.get(rk)) for k, rk in from_report.items())}
             row["b_lr"] = main_report.get("settings", {}).get("lr")
         else:
             continue

@@ -3,15 +3,22 @@
 Variants (``--config=configs/univae.py:VARIANT``):
   tiny     < 60 s on 2 CPU cores, for tests: 3 layers (1 independent + 2 latent), d 64, 150 steps;
   default  byte level, lines of 8..30 bytes (src_len 32, the post's maxlen), 5 layers (2 independent +
-           3 latent), d 128, z_dim 16 x 3, kappa 64 (KL(vMF || uniform) = 12.0 nats per layer at d=16, vs
-           7.6 at the post's kappa=32: a byte-level line needs the capacity), 1200 steps of 64 lines; sized
-           for <= 15 min on an idle 2-core CPU (training ~11 min by FLOP count + evaluation + a 600-step byte
-           LM of configs/lm.py for the bits/byte measure);
+           3 latent), d 128, z_dim 32 x 3, kappa 512: KL(vMF || uniform) = 44.3 nats per layer, 133 in all,
+           the most the code can carry (the post's z 16 at kappa 32 carries 7.6 per layer; a held-out line of
+           21 bytes holds ~46 nats under the judge byte LM, so 16 x 3 at kappa 64 = 36 nats could not carry
+           it), 1200 steps of 64 lines; sized for <= 15 min on an idle 2-core CPU (training ~11 min by FLOP
+           count + evaluation + a 600-step byte LM of configs/lm.py for the bits/byte measure);
+           ``--config.univae.word_dropout=0.3`` corrupts the decoder's inputs (Bowman et al. 2016; measured
+           slower here, WORKSPACE.md);
   minilm   initialised from all-MiniLM-L6-v2 (6 layers, d 384, post-LN BERT) with its WordPiece tokenizer,
            like the post's pre-trained encoder (the post: RoFormer-char base, 4 latent layers of 12);
   pod      accelerator size: 12 x 768 (the post's base size), 4 latent layers, src_len 64, batch 256.
 Model fields are any TransformerConfig field (``--config.model.d_model=256``); the latent path is
-``config.univae`` (n_latent, z_dim, kappa, src_len); ``config.eval`` sizes the measurements.
+``config.univae`` (n_latent, z_dim, kappa, src_len, word_dropout, quantize); ``config.eval`` sizes the
+measurements (it may change when a finished run is rerun: only the measurements are redone).
+VQ variant (the post's "sentence -> fixed-length discrete code"): ``--config.univae.quantize=True`` replaces
+the vMF noise by the nearest of ``univae.codebook_size`` unit codes per latent layer (straight-through) and
+adds the VQ-VAE loss with commitment weight ``univae.commitment``; kappa is then unused.
 """
 import ml_collections
 
@@ -25,7 +32,9 @@ def get_config(arg: str | None = None):
     if variant not in VARIANTS:
         raise ValueError(f"configs/univae.py variant must be one of {VARIANTS}, got {variant!r}")
     c = base_config("univae")
-    c.univae = ml_collections.ConfigDict(dict(n_latent=3, z_dim=16, kappa=32.0, src_len=32, init_from=""))
+    c.univae = ml_collections.ConfigDict(dict(n_latent=3, z_dim=16, kappa=32.0, src_len=32, init_from="",
+                                              quantize=False, codebook_size=256, commitment=0.25,
+                                              word_dropout=0.0))
     c.data.update(min_bytes=8, batch_size=64)
     c.eval = ml_collections.ConfigDict(dict(method="greedy", beam_size=4, n_heldout=500, n_resample=200,
                                             n_prior=200, lm_variant="default", lm_steps=600))
@@ -41,7 +50,7 @@ def get_config(arg: str | None = None):
     elif variant == "default":
         c.model = model_section("gpt", num_layers=5, d_model=128, num_heads=4, head_dim=32, d_ff=512, max_len=64,
                                 type_vocab_size=2)
-        c.univae.update(n_latent=3, kappa=64.0)
+        c.univae.update(n_latent=3, z_dim=32, kappa=512.0)
         c.optim.update(lr=2e-3, warmup_steps=100)
         c.train.update(steps=1200, log_every=50, eval_every=300, eval_batches=8, checkpoint_every=300)
     elif variant == "minilm":

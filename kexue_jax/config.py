@@ -34,9 +34,10 @@ MODES = ("sharded", "pmap")
 
 #: Fields that may differ between a run and its resume: the number of steps (the learning-rate schedule
 #: is rebuilt for the new total), the logging / evaluation / checkpoint cadence and the device layout
-#: (checkpoints are resharded on restore). ``section.*`` matches a whole section.
+#: (checkpoints are resharded on restore), and a job's post-training measurements (``eval.*``: the UniVAE
+#: job's sizes of its held-out measurements and its judge LM). ``section.*`` matches a whole section.
 RESUMABLE_FIELDS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                    "train.checkpoint_every", "train.keep_checkpoints", "train.plot", "parallel.*")
+                    "train.checkpoint_every", "train.keep_checkpoints", "train.plot", "parallel.*", "eval.*")
 
 
 class ConfigError(ValueError):

@@ -32,6 +32,16 @@ vMF sampling (``vmf_sample``): Wood (1994) rejection sampler for w = <z, mu>, de
 exp(kappa w) (1 - w^2)^((d-3)/2) on (-1, 1), run under ``lax.while_loop`` (exact for any d and kappa >= 0),
 then z = w mu + sqrt(1 - w^2) nu, nu uniform on the tangent sphere (post 8404; the post's code uses a table
 of 10^7 inverse-CDF quantiles instead).
+
+VQ variant (``quantize=True``; the post: "quantising each [CLS] code instead gives a VQ-VAE: sentence ->
+fixed-length discrete code"): each latent layer has a codebook C_l [codebook_size, z_dim] and
+
+    e_l  = normalize(C_l)[k_l],   k_l = argmax_k <mu_l, normalize(C_l)[k]>      (nearest code on the sphere)
+    z_l  = mu_l + sg(e_l - mu_l)  (train and encoder mode: straight-through)   |  given (decode)
+
+with no vMF noise; the loss adds the VQ-VAE term (van den Oord et al. 2017, ``vq_loss``). A sentence's
+discrete code is (k_l)_l, ``encode_indices``; ``codes_to_z`` maps it back, and the prior is uniform over each
+codebook (``sample_prior``).
 """
 from __future__ import annotations
 
@@ -61,10 +71,15 @@ class UniVAEConfig:
     cls_id: int = 258
     sep_id: int = 259
     pad_id: int = 256
+    mask_id: int = 257
+    word_dropout: float = 0.0
+    quantize: bool = False      # VQ variant: nearest codebook row instead of vMF noise
+    codebook_size: int = 256    # codes per latent layer (quantize=True)
+    commitment: float = 0.25    # beta of the VQ-VAE commitment term (quantize=True)
 
     def __post_init__(self):
         m = self.model
-        for name in ("n_latent", "z_dim", "src_len"):
+        for name in ("n_latent", "z_dim", "src_len", "codebook_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"UniVAEConfig.{name} must be a positive integer, got {v!r}")
@@ -73,6 +88,11 @@ class UniVAEConfig:
                              f"is a constant embedding, useless as a code), got {self.n_latent}")
         if not (isinstance(self.kappa, (int, float)) and self.kappa >= 0):
             raise ValueError(f"UniVAEConfig.kappa must be a number >= 0, got {self.kappa!r}")
+        if not isinstance(self.quantize, bool):
+            raise ValueError(f"UniVAEConfig.quantize must be a bool, got {self.quantize!r}")
+        if isinstance(self.commitment, bool) or not (isinstance(self.commitment, (int, float))
+                                                     and self.commitment >= 0):
+            raise ValueError(f"UniVAEConfig.commitment must be a number >= 0, got {self.commitment!r}")
         if self.src_len < 3:
             raise ValueError(f"UniVAEConfig.src_len must be >= 3 ([CLS] x [SEP]), got {self.src_len}")
         if m.position == "learned" and 2 * self.src_len > m.max_len:
@@ -83,7 +103,9 @@ class UniVAEConfig:
                              f"('learned', 'rope', 'none'), got {m.token_mixer!r} / {m.position!r}")
         if m.type_vocab_size == 1:
             raise ValueError("model.type_vocab_size must be 0 or >= 2 (segments 0 and 1), got 1")
-        for name in ("cls_id", "sep_id", "pad_id"):
+        if not (isinstance(self.word_dropout, (int, float)) and 0 <= self.word_dropout < 1):
+            raise ValueError(f"UniVAEConfig.word_dropout must be a number in [0, 1), got {self.word_dropout!r}")
+        for name in ("cls_id", "sep_id", "pad_id", "mask_id"):
             v = getattr(self, name)
             if not 0 <= v < m.vocab_size:
                 raise ValueError(f"UniVAEConfig.{name} must be a token id in [0, {m.vocab_size}), got {v}")
@@ -110,10 +132,13 @@ def transformer_config(cfg: UniVAEConfig) -> TransformerConfig:
 # Parameters.
 
 def init(key, cfg: UniVAEConfig) -> dict:
-    """{"transformer": Transformer params, "latent": {layer_l: {in: Dense d->z, out: Dense z->d}}}.
+    """{"transformer": Transformer params, "latent": {layer_l: {in: Dense d->z, out: Dense z->d
+    [, codebook: [codebook_size, z_dim]]}}}.
 
     Dense kernels: truncated normal with the model's init_std (bert4keras's default, std 0.02), or LeCun
-    (variance 1/fan_in) when ``init_std`` is None; zero biases."""
+    (variance 1/fan_in) when ``init_std`` is None; zero biases. With ``quantize`` each latent layer also gets
+    a codebook of rows normalize(N(0, I)), uniform on the sphere where mu lives (its key is fold_in(k_l, 2),
+    so the other tensors are the same with and without quantize)."""
     k_model, k_lat = jax.random.split(key)
     tcfg = transformer_config(cfg)
     s = cfg.src_len
@@ -130,6 +155,9 @@ def init(key, cfg: UniVAEConfig) -> dict:
                     initializers.normal(1.0 / math.sqrt(z)))
         latent[f"layer_{l}"] = {"in": {"kernel": init_in(ki, (d, z), pdt), "bias": jnp.zeros((z,), pdt)},
                                 "out": {"kernel": init_out(ko, (z, d), pdt), "bias": jnp.zeros((d,), pdt)}}
+        if cfg.quantize:
+            latent[f"layer_{l}"]["codebook"] = l2_normalize(
+                jax.random.normal(jax.random.fold_in(k, 2), (cfg.codebook_size, z), jnp.float32)).astype(pdt)
     return {"transformer": params, "latent": latent}
 
 
@@ -146,6 +174,59 @@ def latent_mean(p_layer, h0):
 def latent_out(p_layer, z):
     """Dense_out,l(z_l): [B, z_dim] -> [B, d_model], written into position 0 before layer l."""
     return z.astype(jnp.float32) @ p_layer["out"]["kernel"].astype(jnp.float32) + p_layer["out"]["bias"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Vector quantisation (the VQ variant).
+
+def nearest_code(codebook, mu):
+    """(e, k): the row of normalize(codebook) [K, z_dim] nearest to each unit mu [..., z_dim], and its index.
+
+    k = argmax_k <mu, c_k / |c_k|>; on the sphere ||mu - c||^2 = 2 - 2 <mu, c>, so this is the Euclidean
+    nearest code as well (ties: the lowest index)."""
+    cb = l2_normalize(jnp.asarray(codebook, jnp.float32))
+    k = jnp.argmax(jnp.asarray(mu, jnp.float32) @ cb.T, axis=-1).astype(jnp.int32)
+    return cb[k], k
+
+
+def quantize(codebook, mu, commitment: float = 0.25):
+    """VQ-VAE bottleneck (van den Oord et al. 2017) on the sphere, kexue.fm/archives/8475's VQ variant.
+
+    With e = normalize(codebook)[k] the nearest code (``nearest_code``) and sg = stop_gradient:
+
+        z_q  = mu + sg(e - mu)                                (= e in value; d z_q / d mu = I: straight-through)
+        loss = ||sg(mu) - e||^2 + commitment ||mu - sg(e)||^2  (codebook term moves e, commitment term moves mu)
+
+    Returns (z_q [..., z_dim], k [...] int32, loss [...]) per row of mu [..., z_dim]."""
+    mu = jnp.asarray(mu, jnp.float32)
+    e, k = nearest_code(codebook, mu)
+    sg = jax.lax.stop_gradient
+    z_q = mu + sg(e - mu)
+    loss = jnp.sum((sg(mu) - e) ** 2, -1) + commitment * jnp.sum((mu - sg(e)) ** 2, -1)
+    return z_q, k, loss
+
+
+def _codebooks(params, cfg: UniVAEConfig):
+    """The codebook of each latent layer, lowest first (requires quantize)."""
+    if not cfg.quantize:
+        raise ValueError("this needs UniVAEConfig.quantize=True (a codebook per latent layer)")
+    return [params["latent"][f"layer_{l}"]["codebook"] for l in cfg.latent_layers]
+
+
+def vq_loss(params, cfg: UniVAEConfig, mu):
+    """Mean over rows and latent layers of ``quantize``'s loss for mu [B, n_latent, z_dim] (a scalar)."""
+    return jnp.mean(jnp.stack([quantize(cb, mu[:, i], cfg.commitment)[2]
+                               for i, cb in enumerate(_codebooks(params, cfg))], 1))
+
+
+def codes_to_z(params, cfg: UniVAEConfig, indices):
+    """Discrete codes [B, n_latent] (int, in [0, codebook_size)) -> z [B, n_latent, z_dim]: the rows of each
+    layer's normalize(codebook)."""
+    indices = jnp.asarray(indices)
+    if indices.ndim != 2 or indices.shape[1] != cfg.n_latent:
+        raise ValueError(f"indices must have shape [batch, n_latent={cfg.n_latent}], got {indices.shape}")
+    return jnp.stack([l2_normalize(jnp.asarray(cb, jnp.float32))[indices[:, i]]
+                      for i, cb in enumerate(_codebooks(params, cfg))], 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,9 +287,15 @@ def vmf_mean_cosine(kappa: float, d: int) -> float:
     return 0.0 if kappa == 0 else float(ive(d / 2, kappa) / ive(d / 2 - 1, kappa))
 
 
-def sample_prior(key, cfg: UniVAEConfig, n: int):
-    """z uniform on each sphere: normalize(N(0, I)) per layer, [n, n_latent, z_dim] (the post's sampling)."""
-    return l2_normalize(jax.random.normal(key, (n, cfg.n_latent, cfg.z_dim), jnp.float32))
+def sample_prior(key, cfg: UniVAEConfig, n: int, params=None):
+    """z [n, n_latent, z_dim] from the prior: uniform on each sphere, normalize(N(0, I)) per layer (the post's
+    sampling); with ``quantize``, a code uniform over each layer's codebook, k ~ U{0 .. codebook_size - 1},
+    z = normalize(codebook)[k] (needs ``params``)."""
+    if not cfg.quantize:
+        return l2_normalize(jax.random.normal(key, (n, cfg.n_latent, cfg.z_dim), jnp.float32))
+    if params is None:
+        raise ValueError("sample_prior with UniVAEConfig.quantize=True needs params (the codebooks)")
+    return codes_to_z(params, cfg, jax.random.randint(key, (n, cfg.n_latent), 0, cfg.codebook_size))
 
 
 def slerp(a, b, t):
@@ -246,15 +333,18 @@ def _check_tokens(cfg: UniVAEConfig, tokens):
     return tokens
 
 
-def forward(params, cfg: UniVAEConfig, tokens, *, z=None, key=None, return_intermediates: bool = False):
-    """Logits [B, 2S, V] of the layout [x; x] and (mu, z) [B, n_latent, z_dim].
+def forward(params, cfg: UniVAEConfig, tokens, *, z=None, key=None, target=None,
+            return_intermediates: bool = False):
+    """Logits [B, 2S, V] of the layout [x; target] (target = x unless given: ``word_dropout`` passes a
+    corrupted copy as the decoder's input) and (mu, z) [B, n_latent, z_dim].
 
     z=None and key given: z_l ~ vMF(mu_l, kappa) (training); z=None, key=None: z_l = mu_l (encoder mode);
-    z given [B, n_latent, z_dim]: decoder mode (mu is still computed, from the source). With
+    with ``cfg.quantize`` and z=None: z_l = quantize(codebook_l, mu_l)'s straight-through z_q in both modes
+    (key unused); z given [B, n_latent, z_dim]: decoder mode (mu is still computed, from the source). With
     ``return_intermediates`` also the Transformer's aux (hidden states per layer)."""
     tokens = _check_tokens(cfg, tokens)
     b, s = tokens.shape
-    inputs = jnp.concatenate([tokens, tokens], axis=1)
+    inputs = jnp.concatenate([tokens, tokens if target is None else _check_tokens(cfg, target)], axis=1)
     mus, zs = [], []
     keys = None if key is None else jax.random.split(key, cfg.n_latent)
 
@@ -265,6 +355,8 @@ def forward(params, cfg: UniVAEConfig, tokens, *, z=None, key=None, return_inter
             mu = latent_mean(p, h0)
             if z is not None:
                 zl = jnp.asarray(z)[:, i].astype(jnp.float32)
+            elif cfg.quantize:
+                zl = quantize(p["codebook"], mu, cfg.commitment)[0]
             elif keys is not None:
                 zl = vmf_sample(keys[i], mu, cfg.kappa)
             else:
@@ -288,43 +380,80 @@ def loss_weights(cfg: UniVAEConfig, tokens):
     return (jnp.asarray(tokens)[:, 1:] != cfg.pad_id).astype(jnp.float32)
 
 
-def loss_terms(params, cfg: UniVAEConfig, tokens, key):
-    """(sum of target-half next-token NLL, number of predictions) with z ~ vMF(mu, kappa); no KL term.
-    ``key=None``: z = mu (the noiseless reconstruction loss, for evaluation)."""
+def word_dropout(key, cfg: UniVAEConfig, tokens):
+    """The decoder's input copy of ``tokens`` [B, S] with each real token after [CLS] replaced by ``mask_id``
+    with probability ``cfg.word_dropout`` (Bowman et al. 2016, "Generating sentences from a continuous
+    space"; beyond the post): the decoder cannot lean on the teacher-forced prefix alone and has to read z.
+    [CLS] and PAD are kept; the targets of the loss are the clean tokens."""
+    drop = jax.random.bernoulli(key, cfg.word_dropout, tokens.shape)
+    drop &= (tokens != cfg.pad_id) & (jnp.arange(tokens.shape[1]) > 0)
+    return jnp.where(drop, cfg.mask_id, tokens)
+
+
+def loss_terms(params, cfg: UniVAEConfig, tokens, key, *, vq: bool = True):
+    """(sum of target-half next-token NLL, number of predictions) with z ~ vMF(mu, kappa) and, when
+    ``cfg.word_dropout`` > 0, the decoder's inputs corrupted by ``word_dropout``; no KL term.
+    ``key=None``: z = mu and clean inputs (the noiseless reconstruction loss, for evaluation).
+
+    With ``cfg.quantize`` (z = the straight-through code, key unused) and ``vq``, the sum also holds
+    count x ``vq_loss``, so that sum / count = mean NLL + vq_loss; ``vq=False`` gives the NLL alone."""
     tokens = _check_tokens(cfg, tokens)
     s = cfg.src_len
-    logits, _, _ = forward(params, cfg, tokens, key=key)
+    target = None
+    if key is not None and cfg.word_dropout > 0:
+        key, k_drop = jax.random.split(key)
+        target = word_dropout(k_drop, cfg, tokens)
+    logits, mu, _ = forward(params, cfg, tokens, key=key, target=target)
     pred = logits[:, s:2 * s - 1].astype(jnp.float32)  # target positions S .. 2S-2 predict x[1 .. S-1]
     logp = jax.nn.log_softmax(pred, -1)
     nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
     w = loss_weights(cfg, tokens)
-    return jnp.sum(nll * w), jnp.sum(w)
+    total, count = jnp.sum(nll * w), jnp.sum(w)
+    if cfg.quantize and vq:
+        total = total + count * vq_loss(params, cfg, mu)
+    return total, count
 
 
 def loss(params, cfg: UniVAEConfig, tokens, key):
-    """Mean target-half next-token cross-entropy (nats/token) under vMF-noised latents."""
+    """Mean target-half next-token cross-entropy (nats/token) under vMF-noised latents (+ vq_loss with
+    ``quantize``)."""
     total, count = loss_terms(params, cfg, tokens, key)
     return total / jnp.maximum(count, 1.0)
 
 
-def encode(params, cfg: UniVAEConfig, tokens):
-    """z = mu [B, n_latent, z_dim] from the source alone (the target never reaches the source rows)."""
+def _encode(params, cfg: UniVAEConfig, tokens):
+    """(z [B, n_latent, z_dim], codes [B, n_latent] or None) from the source alone (the target never reaches
+    the source rows): z = mu, or with ``quantize`` z = the nearest code e (exactly) and its index."""
     tokens = _check_tokens(cfg, tokens)
-    mus = []
+    zs, ks = [], []
 
     def make_inject(l):
         p = params["latent"][f"layer_{l}"]
 
         def fn(h0):
-            mu = latent_mean(p, h0)
-            mus.append(mu)
-            return latent_out(p, mu)
+            zl = latent_mean(p, h0)
+            if cfg.quantize:
+                zl, k = nearest_code(p["codebook"], zl)
+                ks.append(k)
+            zs.append(zl)
+            return latent_out(p, zl)
         return fn
 
     Transformer(transformer_config(cfg)).apply(
         {"params": params["transformer"]}, tokens, jnp.zeros_like(tokens), valid=tokens != cfg.pad_id,
         inject={l: make_inject(l) for l in cfg.latent_layers})
-    return jnp.stack(mus, 1)
+    return jnp.stack(zs, 1), (jnp.stack(ks, 1) if ks else None)
+
+
+def encode(params, cfg: UniVAEConfig, tokens):
+    """z [B, n_latent, z_dim] from the source alone: mu, or its nearest code with ``quantize``."""
+    return _encode(params, cfg, tokens)[0]
+
+
+def encode_indices(params, cfg: UniVAEConfig, tokens):
+    """The discrete code of each sentence, int32 [B, n_latent] (``quantize`` only); codes_to_z inverts it."""
+    _codebooks(params, cfg)  # the quantize check
+    return _encode(params, cfg, tokens)[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -476,27 +605,27 @@ def as_source(cfg: UniVAEConfig, generated):
 
 
 def reconstruct(params, cfg: UniVAEConfig, tokens, **decode_kw):
-    """decode(encode(tokens)): the reconstruction from mu (no noise)."""
+    """decode(encode(tokens)): the reconstruction from mu (no noise), or from its code with ``quantize``."""
     return decode(params, cfg, encode(params, cfg, tokens), **decode_kw)
 
 
 def resample(params, cfg: UniVAEConfig, tokens, layers: Sequence[int], key, **decode_kw):
     """Encode, re-draw the chosen latent layers (indices into ``cfg.latent_layers``, 0 = lowest) from the
-    uniform prior, keep the others, decode (``decode_kw``; method="sample" draws with fold_in(key, 1) unless a
-    ``key`` is given there). Returns (tokens [B, T], z [B, n_latent, z_dim])."""
+    uniform prior (``sample_prior``: the sphere, or the codebook with ``quantize``), keep the others, decode
+    (``decode_kw``; method="sample" draws with fold_in(key, 1) unless a ``key`` is given there). Returns (tokens [B, T], z [B, n_latent, z_dim])."""
     layers = tuple(layers)
     if not layers or any(not (isinstance(i, int) and 0 <= i < cfg.n_latent) for i in layers):
         raise ValueError(f"layers must be a non-empty list of latent indices in [0, n_latent={cfg.n_latent}), "
                          f"got {layers}")
     z = encode(params, cfg, tokens)
-    fresh = sample_prior(key, cfg, z.shape[0])
+    fresh = sample_prior(key, cfg, z.shape[0], params)
     chosen = jnp.zeros((cfg.n_latent,), bool).at[jnp.array(layers)].set(True)
     z = jnp.where(chosen[None, :, None], fresh, z)
     decode_kw.setdefault("key", jax.random.fold_in(key, 1))  # for method="sample"
     return decode(params, cfg, z, **decode_kw), z
 
 
-__all__ = ["UniVAEConfig", "layer_masks", "transformer_config", "init", "latent_mean", "latent_out", "vmf_sample",
-           "vmf_mean_cosine", "sample_prior", "slerp", "interpolate", "segment_ids", "forward", "loss_weights",
-           "loss_terms", "loss", "encode", "decoder_logits", "prefill", "decode_step", "decode", "as_source",
-           "reconstruct", "resample", "METHODS"]
+__all__ = ["UniVAEConfig", "layer_masks", "transformer_config", "init", "latent_mean", "latent_out", "nearest_code",
+           "quantize", "vq_loss", "codes_to_z", "vmf_sample", "vmf_mean_cosine", "sample_prior", "slerp",
+           "interpolate", "segment_ids", "forward", "loss_weights", "word_dropout", "loss_terms", "loss", "encode", "encode_indices",
+           "decoder_logits", "prefill", "decode_step", "decode", "as_source", "reconstruct", "resample", "METHODS"]

@@ -79,6 +79,17 @@ def test_config_changes_ignores_resumable_fields():
     assert config_lib.config_changes(stored, c) == ["model.init_std: '(absent)' -> 0.02"]  # None would pass
 
 
+def test_univae_measurements_may_change_on_resume_its_latent_may_not():
+    from configs import univae as univae_config
+
+    stored = config_lib.to_dict(univae_config.get_config("tiny"))
+    c = univae_config.get_config("tiny")
+    c.eval.lm_variant, c.eval.n_heldout = "", 500       # what is measured after training
+    assert config_lib.config_changes(stored, c) == []
+    c.univae.kappa = 512.0
+    assert config_lib.config_changes(stored, c) == ["univae.kappa: 32.0 -> 512.0"]
+
+
 def test_sources_stand_on_their_own():
     """No docstring or comment points at a file outside the repository or at an issue number."""
     import re

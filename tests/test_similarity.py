@@ -184,6 +184,26 @@ def test_epoch_rows_are_a_permutation_per_epoch():
         experiment.epoch_rows(2, 3, 0, seed=0)
 
 
+def test_epoch_rows_grouped_by_length_cover_the_epoch_with_short_batches():
+    n, bs = 64 * 10, 8
+    lengths = np.random.default_rng(0).integers(4, 60, n)
+    batches = [experiment.epoch_rows(n, bs, t, seed=3, lengths=lengths, group=4) for t in range(n // bs)]
+    rows = np.concatenate(batches)
+    assert sorted(rows.tolist()) == list(range(n))           # every row once per epoch
+    # same rows per epoch as the ungrouped permutation (only the order within the epoch changes)
+    plain = np.concatenate([experiment.epoch_rows(n, bs, t, seed=3) for t in range(n // bs)])
+    assert sorted(plain.tolist()) == sorted(rows.tolist())
+    # batches are sorted chunks: the mean within-batch spread of lengths is a fraction of the ungrouped one
+    spread = lambda bb: np.mean([np.ptp(lengths[b]) for b in bb])  # noqa: E731
+    assert spread(batches) < 0.35 * spread([plain[i:i + bs] for i in range(0, n, bs)])
+    # the padded width (max length) shrinks: mean of batch maxima well below the ungrouped one
+    assert np.mean([lengths[b].max() for b in batches]) < np.mean([lengths[plain[i:i + bs]].max()
+                                                                  for i in range(0, n, bs)]) - 5
+    np.testing.assert_array_equal(batches[3], experiment.epoch_rows(n, bs, 3, seed=3, lengths=lengths, group=4))
+    with pytest.raises(ValueError, match="lengths must have shape"):
+        experiment.epoch_rows(n, bs, 0, seed=0, lengths=lengths[:-1])
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("sim.loss", "cosine", "config.sim.loss must be one of"),
     ("sim.parts", ("u", "w"), "config.sim.parts"),

@@ -150,6 +150,32 @@ def test_loss_counts_target_predictions_and_excludes_padding(model):
     np.testing.assert_allclose(float(total), float(jnp.sum(nll * (tok[:, 1:] != PAD))), rtol=1e-5)
 
 
+def test_word_dropout_masks_only_real_decoder_inputs_at_the_rate(model):
+    cfg, params = model
+    cfg = cfg.replace(word_dropout=0.3)
+    tok = _tokens(jax.random.PRNGKey(1), b=3, lengths=(10, 10, 10))
+    tok = jnp.tile(tok, (400, 1))                                     # 1200 rows of 10 bytes + [SEP]
+    out = np.asarray(U.word_dropout(jax.random.PRNGKey(2), cfg, tok))
+    t = np.asarray(tok)
+    changed = out != t
+    assert np.all(out[changed] == cfg.mask_id)
+    assert not changed[:, 0].any() and not changed[t == PAD].any()      # [CLS] and PAD are kept
+    real = (t != PAD) & (np.arange(t.shape[1]) > 0)
+    rate, n = changed[real].mean(), real.sum()
+    assert abs(rate - 0.3) < 4 * np.sqrt(0.3 * 0.7 / n)                  # binomial: within 4 standard errors
+    # the loss: clean targets, corrupted decoder inputs (changes the NLL), evaluation (key=None) untouched
+    small = tok[:3]
+    key = jax.random.PRNGKey(5)
+    clean = jax.jit(lambda p, t: U.loss_terms(p, cfg.replace(word_dropout=0.0), t, key))(params, small)
+    noisy = jax.jit(lambda p, t: U.loss_terms(p, cfg, t, key))(params, small)
+    assert float(clean[1]) == float(noisy[1]) and float(clean[0]) != float(noisy[0])
+    chex.assert_trees_all_equal(jax.jit(lambda p, t: U.loss_terms(p, cfg, t, None))(params, small),
+                                jax.jit(lambda p, t: U.loss_terms(p, cfg.replace(word_dropout=0.0), t, None))(
+                                    params, small))
+    with pytest.raises(ValueError, match="word_dropout must be a number in"):
+        cfg.replace(word_dropout=1.0)
+
+
 # -- KV cache ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["greedy", "sample"])
@@ -246,6 +272,150 @@ def test_config_errors_name_the_field():
         U.decode({}, cfg, jnp.zeros((1, 2, 16)), method="topp")
     with pytest.raises(ValueError, match="max_len"):
         U.decode({}, cfg, jnp.zeros((1, 2, 16)), max_len=12)
+
+
+# -- the VQ variant ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vq_model():
+    cfg = _cfg().replace(quantize=True, codebook_size=16)
+    params = jax.jit(U.init, static_argnums=1)(jax.random.PRNGKey(0), cfg)
+    return cfg, jax.tree_util.tree_map(lambda x: 4.0 * x + 0.05, params)  # as ``model``: codebook rows not unit
+
+
+def _np_nearest(codebook, mu):
+    cb = np.asarray(codebook, np.float64)
+    cb = cb / np.linalg.norm(cb, axis=-1, keepdims=True)
+    k = np.argmax(np.asarray(mu, np.float64) @ cb.T, -1)
+    return cb[k], k
+
+
+def test_vq_init_adds_unit_codebooks_and_keeps_the_other_tensors():
+    cfg = _cfg()
+    plain, vq = (jax.jit(U.init, static_argnums=1)(jax.random.PRNGKey(0), c)
+                 for c in (cfg, cfg.replace(quantize=True, codebook_size=16)))
+    for l in cfg.latent_layers:
+        cb = vq["latent"][f"layer_{l}"].pop("codebook")
+        chex.assert_shape(cb, (16, cfg.z_dim))
+        np.testing.assert_allclose(np.linalg.norm(np.asarray(cb), axis=-1), 1.0, atol=1e-6)
+    chex.assert_trees_all_equal(plain, vq)
+
+
+def test_vq_quantize_nearest_straight_through_and_loss():
+    cb = jax.random.normal(jax.random.PRNGKey(0), (16, 8)) * 3.0  # rows of any norm: quantize normalizes
+    mu = U.l2_normalize(jax.random.normal(jax.random.PRNGKey(1), (5, 8)))
+    g = jax.random.normal(jax.random.PRNGKey(2), (5, 8))
+    beta = 0.25
+    z_q, k, loss = U.quantize(cb, mu, beta)
+    e, k_np = _np_nearest(cb, mu)
+    chex.assert_shape((z_q, k, loss), ((5, 8), (5,), (5,)))
+    np.testing.assert_array_equal(np.asarray(k), k_np)
+    np.testing.assert_allclose(np.asarray(z_q), e, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(loss), (1 + beta) * np.sum((np.asarray(mu) - e) ** 2, -1), rtol=1e-5)
+    # straight-through: d sum(z_q * g) / d mu = g
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda m: jnp.sum(U.quantize(cb, m)[0] * g))(mu)),
+                               np.asarray(g), atol=1e-6)
+    # the stop-gradients: d loss / d mu = 2 beta (mu - e); d loss / d codebook does not depend on beta
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda m: jnp.sum(U.quantize(cb, m, beta)[2]))(mu)),
+                               2 * beta * (np.asarray(mu) - e), atol=1e-5)
+    d_cb = [np.asarray(jax.grad(lambda c, b=b: jnp.sum(U.quantize(c, mu, b)[2]))(cb)) for b in (0.0, 5.0)]
+    np.testing.assert_allclose(d_cb[0], d_cb[1], atol=1e-6)
+    assert np.abs(d_cb[0]).sum() > 0
+
+
+def test_vq_loss_terms_add_the_vq_loss(vq_model):
+    cfg, params = vq_model
+    tok = _tokens(jax.random.PRNGKey(1))
+    (total, count), (nll, count0), (_, mu, z), vq = jax.jit(lambda t: (
+        U.loss_terms(params, cfg, t, jax.random.PRNGKey(0)), U.loss_terms(params, cfg, t, None, vq=False),
+        U.forward(params, cfg, t), U.vq_loss(params, cfg, U.forward(params, cfg, t)[1])))(tok)
+    assert float(count) == float(count0) == 7 + 11 + 4
+    want = np.mean([(1 + cfg.commitment) * np.sum((np.asarray(mu[:, i]) -
+                                                    _np_nearest(params["latent"][f"layer_{l}"]["codebook"],
+                                                                mu[:, i])[0]) ** 2, -1)
+                    for i, l in enumerate(cfg.latent_layers)])
+    np.testing.assert_allclose(float(vq), want, rtol=1e-5)
+    assert want > 0.01
+    np.testing.assert_allclose(float(total / count), float(nll / count) + want, rtol=1e-5)  # key: no noise
+    for i, l in enumerate(cfg.latent_layers):  # forward's z = the code of its mu
+        np.testing.assert_allclose(np.asarray(z[:, i]),
+                                   _np_nearest(params["latent"][f"layer_{l}"]["codebook"], mu[:, i])[0], atol=1e-6)
+
+
+def test_vq_encode_gives_codebook_rows_and_codes_round_trip(vq_model):
+    cfg, params = vq_model
+    tok = _tokens(jax.random.PRNGKey(1))
+    z, idx, rec = jax.jit(lambda t: (U.encode(params, cfg, t), U.encode_indices(params, cfg, t),
+                                     U.reconstruct(params, cfg, t, max_len=8)))(tok)
+    chex.assert_shape((z, idx), ((3, cfg.n_latent, cfg.z_dim), (3, cfg.n_latent)))
+    assert idx.dtype == jnp.int32 and int(idx.min()) >= 0 and int(idx.max()) < cfg.codebook_size
+    for i, l in enumerate(cfg.latent_layers):
+        rows = U.l2_normalize(params["latent"][f"layer_{l}"]["codebook"])[idx[:, i]]
+        np.testing.assert_array_equal(np.asarray(z[:, i]), np.asarray(rows))  # exact codebook rows
+    _, _, z_fwd = _forward(params, cfg, tok)
+    np.testing.assert_allclose(np.asarray(z_fwd), np.asarray(z), atol=1e-5)  # = forward's encoder mode
+    back = U.codes_to_z(params, cfg, idx)
+    np.testing.assert_array_equal(np.asarray(back), np.asarray(z))
+    dec = jax.jit(lambda z: U.decode(params, cfg, z, max_len=8))(back)
+    np.testing.assert_array_equal(np.asarray(dec), np.asarray(rec))
+    # the prior: uniform codes, and resample draws codes for the chosen layer only
+    prior = U.sample_prior(jax.random.PRNGKey(3), cfg, 64, params)
+    cos = jnp.einsum("nd,kd->nk", prior[:, 0], U.l2_normalize(params["latent"][f"layer_{cfg.latent_layers[0]}"]
+                                                              ["codebook"]))
+    np.testing.assert_allclose(np.asarray(jnp.max(cos, -1)), 1.0, atol=1e-6)
+    assert len(set(np.asarray(jnp.argmax(cos, -1)).tolist())) > 8
+    _, zr = jax.jit(lambda t, k: U.resample(params, cfg, t, [1], k, max_len=6))(tok, jax.random.PRNGKey(2))
+    np.testing.assert_array_equal(np.asarray(zr[:, 0]), np.asarray(z[:, 0]))
+    with pytest.raises(ValueError, match="params"):
+        U.sample_prior(jax.random.PRNGKey(3), cfg, 2)
+    with pytest.raises(ValueError, match="quantize"):
+        U.encode_indices(params, _cfg(), tok)
+
+
+def test_vq_training_steps_reduce_the_loss(vq_model):
+    import optax
+
+    cfg = vq_model[0]
+    params = jax.jit(U.init, static_argnums=1)(jax.random.PRNGKey(0), cfg)
+    tok = jnp.concatenate([_tokens(jax.random.PRNGKey(k)) for k in range(3)])
+    tx = optax.adam(3e-3)
+
+    @jax.jit
+    def step(p, o):
+        (s, n), g = jax.value_and_grad(lambda p: U.loss_terms(p, cfg, tok, None), has_aux=True)(p)
+        u, o = tx.update(jax.tree_util.tree_map(lambda x: x / n, g), o, p)
+        return optax.apply_updates(p, u), o, s / n
+
+    p, o, losses = params, tx.init(params), []
+    for _ in range(30):
+        p, o, v = step(p, o)
+        losses.append(float(v))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0] - 0.5, losses
+    name = f"layer_{cfg.latent_layers[0]}"
+    assert float(jnp.abs(p["latent"][name]["codebook"] - params["latent"][name]["codebook"]).max()) > 1e-4
+
+
+def test_vq_config_errors_name_the_field():
+    m = TransformerConfig.preset("gpt", num_layers=4, max_len=32)
+    with pytest.raises(ValueError, match="codebook_size"):
+        U.UniVAEConfig(model=m, n_latent=2, src_len=12, quantize=True, codebook_size=0)
+    with pytest.raises(ValueError, match="commitment"):
+        U.UniVAEConfig(model=m, n_latent=2, src_len=12, quantize=True, commitment=-1.0)
+    with pytest.raises(ValueError, match="quantize"):
+        U.codes_to_z({}, U.UniVAEConfig(model=m, n_latent=2, src_len=12), jnp.zeros((1, 2), jnp.int32))
+
+
+def test_vq_config_threads_through_the_job():
+    from kexue_jax.experiments import univae as job
+
+    c = _tiny_config()
+    assert job.univae_config(c).quantize is False
+    c.univae.update(quantize=True, codebook_size=32, commitment=0.5)
+    cfg, _ = job.validate(c)
+    assert (cfg.quantize, cfg.codebook_size, cfg.commitment) == (True, 32, 0.5)
+    c.univae.codebook_size = 0
+    with pytest.raises(ValueError, match="codebook_size"):
+        job.validate(c)
 
 
 # -- the train.py job ----------------------------------------------------------------------------

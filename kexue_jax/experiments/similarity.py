@@ -157,14 +157,28 @@ def pair_batch(data: TrainPairs, rows: np.ndarray, max_len: int, bucket: bool) -
             "labels": data.labels[rows]}
 
 
-def epoch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+def epoch_rows(n: int, batch_size: int, step: int, seed: int, lengths: np.ndarray | None = None,
+               group: int = 16) -> np.ndarray:
     """Rows of ``step``'s batch: a permutation of range(n) per epoch (seeded by (seed, epoch)), cut into
-    batches of batch_size (the incomplete tail dropped); depends only on (n, batch_size, step, seed)."""
+    batches of batch_size (the incomplete tail dropped); depends only on (n, batch_size, step, seed, lengths).
+
+    With ``lengths`` [n] (grouping by length, as HF's ``group_by_length``): the epoch's permutation is cut
+    into chunks of ``group * batch_size`` rows, each chunk is sorted by length and cut into batches, and
+    the batches are shuffled. Every row still appears once per epoch, but a batch holds rows of similar
+    length, so it pads to a short bucket (``hf.bucket_length``) instead of the longest row of the split."""
     per_epoch = n // batch_size
     if per_epoch < 1:
         raise ValueError(f"data.batch_size={batch_size} is larger than the {n} training examples")
     epoch, k = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(n)[:per_epoch * batch_size]
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        if lengths.shape != (n,):
+            raise ValueError(f"lengths must have shape ({n},), got {lengths.shape}")
+        chunk = group * batch_size
+        perm = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in np.split(perm, range(chunk, len(perm), chunk))])
+        perm = perm.reshape(per_epoch, batch_size)[rng.permutation(per_epoch)].reshape(-1)
     return perm[k * batch_size:(k + 1) * batch_size]
 
 
@@ -276,10 +290,12 @@ def compiled_step(cfg: TransformerConfig, loss: tuple, optim_items: tuple, steps
 
 
 def train_loop(config, *, cfg, params, loss: tuple, num_examples: int, batch_fn: Callable[[np.ndarray], dict],
-               evaluate: Callable[[Any], float], seed: int, workdir, name: str = "") -> tuple[dict, Any]:
+               evaluate: Callable[[Any], float], seed: int, workdir, name: str = "",
+               lengths: np.ndarray | None = None) -> tuple[dict, Any]:
     """``config.train.steps`` steps of ``loss`` (see ``compiled_step``) on batches ``batch_fn(rows)``;
     ``evaluate(encoder params)`` (dev Spearman) every ``train.eval_every`` steps and at the end; the best
-    evaluation is kept. Returns (record, best encoder params as numpy)."""
+    evaluation is kept; ``lengths`` [num_examples] groups batches by length when ``data.group_by_length``.
+    Returns (record, best encoder params as numpy)."""
     steps, every = int(config.train.steps), int(config.train.eval_every)
     tx, step_fn = compiled_step(cfg, loss, tuple(sorted(config.optim.items())), steps, "head" in params,
                                 float(config.sim.head_lr_mult))
@@ -292,7 +308,8 @@ def train_loop(config, *, cfg, params, loss: tuple, num_examples: int, batch_fn:
     tag = f"[{name}] " if name else ""
     try:
         for t in range(steps):
-            batch = batch_fn(epoch_rows(num_examples, config.data.batch_size, t, seed))
+            batch = batch_fn(epoch_rows(num_examples, config.data.batch_size, t, seed,
+                                        lengths if config.data.group_by_length else None))
             params, opt_state, loss = step_fn(params, opt_state, batch, jax.random.fold_in(key, t))
             losses.append(loss)
             done = t + 1
@@ -367,7 +384,8 @@ def finetune(config, s: Setup, workdir, *, seed: int, name: str = "", save: bool
         loss=(sim.loss, tuple(sim.parts), float(sim.cosent_scale), float(sim.mnrl_scale)),
         batch_fn=lambda r: pair_batch(data, rows[r], d.max_len, d.bucket),
         evaluate=lambda p: sts_spearman(s.cfg, p, s.tokenizer, s.dev, s.eval_max_len),
-        seed=seed, workdir=workdir, name=name)
+        seed=seed, workdir=workdir, name=name,
+        lengths=np.array([max(len(data.ids_a[r]), len(data.ids_b[r])) for r in rows]))
     record.update(loss=sim.loss, parts=list(sim.parts), seed=seed, train_examples=int(len(rows)),
                   test_spearman=round(sts_spearman(s.cfg, best, s.tokenizer, s.test, s.eval_max_len), 3),
                   probe=probe(s.cfg, best, s.tokenizer, s.eval_max_len))
@@ -401,7 +419,7 @@ def distill(config, s: Setup, teacher: tuple[TransformerConfig, dict], workdir, 
         dconfig, cfg=cfg, params={"encoder": params}, loss=("distill", float(dc.lam)),
         num_examples=len(sentences), batch_fn=batch_fn,
         evaluate=lambda p: sts_spearman(cfg, p, s.tokenizer, s.dev, s.eval_max_len),
-        seed=seed, workdir=workdir, name=name)
+        seed=seed, workdir=workdir, name=name, lengths=np.array([len(x) for x in ids]))
     record.update(num_layers=num_layers, lam=float(dc.lam), sentences=len(sentences),
                   student_zero_shot_test_spearman=student_zero,
                   test_spearman=round(sts_spearman(cfg, best, s.tokenizer, s.test, s.eval_max_len), 3))
@@ -453,6 +471,8 @@ def validate(config) -> None:
             fail("study.losses", f"a non-empty tuple from {similarity.LOSSES}", study.losses)
         if study.seeds < 1:
             fail("study.seeds", "a positive integer", study.seeds)
+        if study.ablation_seeds < 0:
+            fail("study.ablation_seeds", "0 (= study.seeds) or a positive integer", study.ablation_seeds)
         if study.teacher_loss not in study.losses:
             fail("study.teacher_loss", f"one of study.losses={tuple(study.losses)}", study.teacher_loss)
         for parts in study.ablation:
@@ -529,10 +549,12 @@ def run_study(config, workdir: str) -> dict:
         runs = [one(f"{loss}_s{seed}", loss, config.sim.parts, seed) for seed in range(study.seeds)]
         losses[loss] = {"test": _mean_std([r["test_spearman"] for r in runs]),
                         "dev": _mean_std([r["dev_spearman"] for r in runs]), "runs": runs}
-    ablation = {"+".join(similarity.PARTS): losses.get("softmax", {}).get("test")}
+    n_ablation = study.ablation_seeds or study.seeds   # the full head at the same seeds, for a like-for-like row
+    ablation = {"+".join(similarity.PARTS): _mean_std([one(f"softmax_s{seed}", "softmax", similarity.PARTS, seed)
+                                                       ["test_spearman"] for seed in range(n_ablation)])}
     for parts in study.ablation:
         runs = [one(f"softmax_{'+'.join(parts).replace('|u-v|', 'absdiff')}_s{seed}", "softmax", parts, seed)
-                for seed in range(study.seeds)]
+                for seed in range(n_ablation)]
         ablation["+".join(parts)] = _mean_std([r["test_spearman"] for r in runs])
 
     teacher_run = losses[study.teacher_loss]["runs"][0]

@@ -77,9 +77,10 @@ class Vocab:
     cls_id: int
     sep_id: int
     pad_id: int
+    mask_id: int
 
 
-BYTES = Vocab(data_lib.encode, data_lib.decode, data_lib.CLS, data_lib.SEP, data_lib.PAD)
+BYTES = Vocab(data_lib.encode, data_lib.decode, data_lib.CLS, data_lib.SEP, data_lib.PAD, data_lib.MASK)
 
 
 def wordpiece_vocab(model_dir) -> Vocab:
@@ -87,10 +88,10 @@ def wordpiece_vocab(model_dir) -> Vocab:
     from kexue_jax import hf  # noqa: PLC0415
 
     tok = hf.load_tokenizer(model_dir)
-    ids = {name: tok.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]")}
+    ids = {name: tok.token_to_id(name) for name in ("[CLS]", "[SEP]", "[PAD]", "[MASK]")}
     return Vocab(lambda t: np.asarray(tok.encode(t, add_special_tokens=False).ids, np.int32),
                  lambda x: tok.decode([int(i) for i in x if int(i) not in ids.values()]),
-                 ids["[CLS]"], ids["[SEP]"], ids["[PAD]"])
+                 ids["[CLS]"], ids["[SEP]"], ids["[PAD]"], ids["[MASK]"])
 
 
 def vocab_for(c) -> Vocab:
@@ -142,10 +143,13 @@ def host_batch(tokens: np.ndarray, step: int, seed: int, batch_size: int) -> np.
 # Config.
 
 def univae_config(c, vocab: Vocab = BYTES) -> U.UniVAEConfig:
+    """The model config of ``c`` (a workdir's config.json from before the VQ fields reads as quantize=False)."""
     u = c.univae
     return U.UniVAEConfig(model=config_lib.model_config(c.model), n_latent=u.n_latent, z_dim=u.z_dim,
                           kappa=float(u.kappa), src_len=u.src_len, cls_id=vocab.cls_id, sep_id=vocab.sep_id,
-                          pad_id=vocab.pad_id)
+                          pad_id=vocab.pad_id, quantize=u.get("quantize", False),
+                          codebook_size=u.get("codebook_size", 256), commitment=float(u.get("commitment", 0.25)),
+                          mask_id=vocab.mask_id, word_dropout=float(u.get("word_dropout", 0.0)))
 
 
 def load_minilm(params):
@@ -220,8 +224,9 @@ def make_train_step(cfg: U.UniVAEConfig, tx, seed: int):
 
 
 def make_eval_step(cfg: U.UniVAEConfig):
-    """(sum NLL, count) with z = mu (no noise): the reconstruction loss of held-out lines."""
-    return lambda params, tokens: U.loss_terms(params, cfg, tokens, None)
+    """(sum NLL, count) with z = mu (no noise), or its code with quantize (NLL only, no VQ term): the
+    reconstruction loss of held-out lines."""
+    return lambda params, tokens: U.loss_terms(params, cfg, tokens, None, vq=False)
 
 
 def train(c, workdir: str, *, stop_after: int | None = None):
@@ -294,7 +299,7 @@ def train(c, workdir: str, *, stop_after: int | None = None):
             if step % c.train.eval_every == 0 or step == c.train.steps:
                 v = evaluate(state.params)
                 writer.write(step, {"val_loss": v})
-                training.say(f"step {step}: val_loss {v:.4f} (reconstruction NLL from mu, nats/byte)")
+                training.say(f"step {step}: val_loss {v:.4f} (reconstruction NLL from mu, nats/token)")
             if step % c.train.checkpoint_every == 0 or step == c.train.steps:
                 ckpt.save(step, state)
             if stop_after is not None and ran >= stop_after:
@@ -449,7 +454,7 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
     training.say(f"multi-scale: lowest {low}  highest {high}")
 
     # prior samples
-    prior_fn = jax.jit(lambda p, k: U.decode(p, cfg, U.sample_prior(k, cfg, e.n_prior), **dkw))
+    prior_fn = jax.jit(lambda p, k: U.decode(p, cfg, U.sample_prior(k, cfg, e.n_prior, p), **dkw))
     prior = [to_text(r, vocab) for r in np.asarray(prior_fn(params, jax.random.PRNGKey(7)))]
     report["prior"] = {"n": len(prior), "distinct": len(set(prior)),
                        "mean_bytes": float(np.mean([len(p.encode()) for p in prior]))}
@@ -463,7 +468,8 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
 
     # samples.md
     lines_md = ["# UniVAE samples", "", f"Decoding: {e.method}. Held-out lines come from plays never trained on.",
-                "", "## 10 prior samples (z uniform on each sphere)", ""]
+                "", "## 10 prior samples (z uniform " + ("over each codebook)" if cfg.quantize else "on each sphere)"),
+                ""]
     lines_md += [f"{i + 1}. `{p}`" for i, p in enumerate(prior[:10])]
     lines_md += ["", "## 10 held-out reconstructions (from mu)", "", "| source | reconstruction |", "|---|---|"]
     lines_md += [f"| `{held[i]}` | `{to_text(rec[i], vocab)}` |" for i in range(min(10, len(held)))]
@@ -529,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.command != "sample" and not a.text:
         ap.error(f"{a.command} needs --text")
     if a.command == "sample":
-        for row in np.asarray(U.decode(params, cfg, U.sample_prior(key, cfg, a.n), **dkw)):
+        for row in np.asarray(U.decode(params, cfg, U.sample_prior(key, cfg, a.n, params), **dkw)):
             print(to_text(row, vocab))
     elif a.command == "reconstruct":
         src = to_tokens(a.text, cfg.src_len, vocab)

@@ -430,6 +430,11 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
     rec = _batched(rec_fn, src, bs)
     report = {"reconstruction": reconstruction_metrics(src, rec, cfg.pad_id)}
     training.say(f"reconstruction (held-out, from mu): {report['reconstruction']}")
+    if cfg.quantize:  # how much of each codebook the held-out lines use (unused codes decode to junk)
+        codes = _batched(functools.partial(jax.jit(lambda p, x: U.encode_indices(p, cfg, x)), params), src, bs)
+        report["codes_used"] = [int(np.unique(codes[:, i]).size) for i in range(cfg.n_latent)]
+        training.say(f"codes used by {len(held)} held-out lines, per latent layer (of {cfg.codebook_size}): "
+                     f"{report['codes_used']}")
 
     # multi-scale: resample the lowest vs the highest latent layer
     ms_lines = [va_lines[i] for i in order[:e.n_resample]]

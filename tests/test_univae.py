@@ -460,6 +460,17 @@ def test_tiny_job_writes_samples_and_report(tmp_path):
     assert saved["prior"]["bits_per_byte_heldout"] > 0 and report["prior"]["n"] == 16
 
 
+@pytest.mark.slow
+def test_tiny_vq_job_reports_codebook_use(tmp_path):
+    from kexue_jax.experiments import univae as job
+
+    c = _tiny_config()
+    c.univae.quantize, c.eval.lm_variant = True, ""
+    report = job.run(c, str(tmp_path))
+    assert len(report["codes_used"]) == 2 and all(1 <= n <= min(32, 256) for n in report["codes_used"])
+    assert "z uniform over each codebook" in (tmp_path / "samples.md").read_text()
+
+
 def test_edit_distance_and_reconstruction_metrics():
     from kexue_jax.experiments import univae as job
 

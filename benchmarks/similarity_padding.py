@@ -44,7 +44,7 @@ def main() -> None:
     tok = hf.load_tokenizer(hf.minilm_path())
     train = S.load_sts("train")
     data = S.encode_train(tok, train, config.sim, a.max_len)
-    lengths = np.array([max(len(x), len(y)) for x, y in zip(data.ids_a, data.ids_b)])
+    lengths = S.pair_lengths(data)
     real = sum(len(x) + len(y) for x, y in zip(data.ids_a, data.ids_b))
     steps = len(train) // a.batch
     out = {"batch": a.batch, "max_len": a.max_len, "steps_per_epoch": steps,
@@ -61,8 +61,9 @@ def main() -> None:
         import jax
 
         cfg, params, _ = S.load_encoder(config)
-        tx, step = S.compiled_step(cfg, ("cosent", tuple(config.sim.parts), 20.0, 20.0),
-                                   tuple(sorted(config.optim.items())), steps, False, 1.0)
+        sim = config.sim
+        tx, step = S.compiled_step(cfg, ("cosent", tuple(sim.parts), float(sim.cosent_scale), float(sim.mnrl_scale)),
+                                   tuple(sorted(config.optim.items())), steps, False, float(sim.head_lr_mult))
         state = {"encoder": params}
         opt = tx.init(state)
         key = jax.random.key(0)

@@ -612,7 +612,8 @@ def reconstruct(params, cfg: UniVAEConfig, tokens, **decode_kw):
 def resample(params, cfg: UniVAEConfig, tokens, layers: Sequence[int], key, **decode_kw):
     """Encode, re-draw the chosen latent layers (indices into ``cfg.latent_layers``, 0 = lowest) from the
     uniform prior (``sample_prior``: the sphere, or the codebook with ``quantize``), keep the others, decode
-    (``decode_kw``; method="sample" draws with fold_in(key, 1) unless a ``key`` is given there). Returns (tokens [B, T], z [B, n_latent, z_dim])."""
+    (``decode_kw``; method="sample" draws with fold_in(key, 1) unless a ``key`` is given there). Returns
+    (tokens [B, T], z [B, n_latent, z_dim])."""
     layers = tuple(layers)
     if not layers or any(not (isinstance(i, int) and 0 <= i < cfg.n_latent) for i in layers):
         raise ValueError(f"layers must be a non-empty list of latent indices in [0, n_latent={cfg.n_latent}), "
@@ -627,5 +628,6 @@ def resample(params, cfg: UniVAEConfig, tokens, layers: Sequence[int], key, **de
 
 __all__ = ["UniVAEConfig", "layer_masks", "transformer_config", "init", "latent_mean", "latent_out", "nearest_code",
            "quantize", "vq_loss", "codes_to_z", "vmf_sample", "vmf_mean_cosine", "sample_prior", "slerp",
-           "interpolate", "segment_ids", "forward", "loss_weights", "word_dropout", "loss_terms", "loss", "encode", "encode_indices",
-           "decoder_logits", "prefill", "decode_step", "decode", "as_source", "reconstruct", "resample", "METHODS"]
+           "interpolate", "segment_ids", "forward", "loss_weights", "word_dropout", "loss_terms", "loss", "encode",
+           "encode_indices", "decoder_logits", "prefill", "decode_step", "decode", "as_source", "reconstruct",
+           "resample", "METHODS"]

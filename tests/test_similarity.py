@@ -202,6 +202,9 @@ def test_epoch_rows_grouped_by_length_cover_the_epoch_with_short_batches():
     np.testing.assert_array_equal(batches[3], experiment.epoch_rows(n, bs, 3, seed=3, lengths=lengths, group=4))
     with pytest.raises(ValueError, match="lengths must have shape"):
         experiment.epoch_rows(n, bs, 0, seed=0, lengths=lengths[:-1])
+    data = experiment.TrainPairs([[1, 2], [3], [4, 5, 6]], [[7], [8, 9, 10, 11], [12, 13]], np.zeros(3),
+                                 np.zeros(3), np.zeros((3, 1)))
+    np.testing.assert_array_equal(experiment.pair_lengths(data), [2, 4, 3])
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -150,6 +150,11 @@ def encode_train(tokenizer, pairs: Pairs, sim, max_len: int) -> TrainPairs:
     return TrainPairs(ids_a, ids_b, s.astype(np.float32), binary, labels)
 
 
+def pair_lengths(data: TrainPairs) -> np.ndarray:
+    """Token length of each pair's longer sentence [N]: what its batch pads to (``epoch_rows`` grouping)."""
+    return np.array([max(len(a), len(b)) for a, b in zip(data.ids_a, data.ids_b)])
+
+
 def pair_batch(data: TrainPairs, rows: np.ndarray, max_len: int, bucket: bool) -> dict:
     """ids / valid [2B, W] (the B first sentences, then the B second ones) and the per-pair targets."""
     ids, valid = pad_ids([data.ids_a[i] for i in rows] + [data.ids_b[i] for i in rows], max_len, bucket)
@@ -177,7 +182,8 @@ def epoch_rows(n: int, batch_size: int, step: int, seed: int, lengths: np.ndarra
         if lengths.shape != (n,):
             raise ValueError(f"lengths must have shape ({n},), got {lengths.shape}")
         chunk = group * batch_size
-        perm = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in np.split(perm, range(chunk, len(perm), chunk))])
+        chunks = np.split(perm, range(chunk, len(perm), chunk))
+        perm = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in chunks])
         perm = perm.reshape(per_epoch, batch_size)[rng.permutation(per_epoch)].reshape(-1)
     return perm[k * batch_size:(k + 1) * batch_size]
 
@@ -385,7 +391,7 @@ def finetune(config, s: Setup, workdir, *, seed: int, name: str = "", save: bool
         batch_fn=lambda r: pair_batch(data, rows[r], d.max_len, d.bucket),
         evaluate=lambda p: sts_spearman(s.cfg, p, s.tokenizer, s.dev, s.eval_max_len),
         seed=seed, workdir=workdir, name=name,
-        lengths=np.array([max(len(data.ids_a[r]), len(data.ids_b[r])) for r in rows]))
+        lengths=pair_lengths(data)[rows])
     record.update(loss=sim.loss, parts=list(sim.parts), seed=seed, train_examples=int(len(rows)),
                   test_spearman=round(sts_spearman(s.cfg, best, s.tokenizer, s.test, s.eval_max_len), 3),
                   probe=probe(s.cfg, best, s.tokenizer, s.eval_max_len))
@@ -550,8 +556,8 @@ def run_study(config, workdir: str) -> dict:
         losses[loss] = {"test": _mean_std([r["test_spearman"] for r in runs]),
                         "dev": _mean_std([r["dev_spearman"] for r in runs]), "runs": runs}
     n_ablation = study.ablation_seeds or study.seeds   # the full head at the same seeds, for a like-for-like row
-    ablation = {"+".join(similarity.PARTS): _mean_std([one(f"softmax_s{seed}", "softmax", similarity.PARTS, seed)
-                                                       ["test_spearman"] for seed in range(n_ablation)])}
+    ablation = {"+".join(config.sim.parts): _mean_std([one(f"softmax_s{seed}", "softmax", config.sim.parts, seed)
+                                                        ["test_spearman"] for seed in range(n_ablation)])}
     for parts in study.ablation:
         runs = [one(f"softmax_{'+'.join(parts).replace('|u-v|', 'absdiff')}_s{seed}", "softmax", parts, seed)
                 for seed in range(n_ablation)]

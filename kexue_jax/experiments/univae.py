@@ -142,14 +142,17 @@ def host_batch(tokens: np.ndarray, step: int, seed: int, batch_size: int) -> np.
 # ------------------------------------------------------------------------------------------------
 # Config.
 
+#: ``config.univae`` fields a run stored before they existed lacks: UniVAEConfig's defaults stand in for them
+OPTIONAL_LATENT_FIELDS = ("quantize", "codebook_size", "commitment", "word_dropout")
+
+
 def univae_config(c, vocab: Vocab = BYTES) -> U.UniVAEConfig:
     """The model config of ``c`` (a workdir's config.json from before the VQ fields reads as quantize=False)."""
     u = c.univae
     return U.UniVAEConfig(model=config_lib.model_config(c.model), n_latent=u.n_latent, z_dim=u.z_dim,
                           kappa=float(u.kappa), src_len=u.src_len, cls_id=vocab.cls_id, sep_id=vocab.sep_id,
-                          pad_id=vocab.pad_id, quantize=u.get("quantize", False),
-                          codebook_size=u.get("codebook_size", 256), commitment=float(u.get("commitment", 0.25)),
-                          mask_id=vocab.mask_id, word_dropout=float(u.get("word_dropout", 0.0)))
+                          pad_id=vocab.pad_id, mask_id=vocab.mask_id,
+                          **{k: u[k] for k in OPTIONAL_LATENT_FIELDS if k in u})
 
 
 def load_minilm(params):

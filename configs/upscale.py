@@ -18,7 +18,11 @@ Variants (``--config=configs/upscale.py:VARIANT``):
   tiny     < 60 s, for tests (BERT-style, MLM);
   gpt      the GPT preset (Pre-LN, tied LM head) on next-byte prediction, same sizes as the default (the
            preset that can also grow depth: ``--config.upscale.depth_factor=2``);
-  pod      GPU/TPU size: 12-layer GPT 384 -> 768, seq 1024, global batch 256, bf16 (see WORKSPACE.md).
+  pod      GPU/TPU size: 12-layer GPT 384 -> 768, seq 1024, global batch 256, bf16 (see WORKSPACE.md);
+  gpu      one GPU in minutes: 8-layer GPT 256 -> 512 (grow=num_heads, 64-wide heads), seq 256, batch 64, bf16,
+           2400 steps, widened at 400 (1/6), lr 1e-3; sized (by FLOPs, not yet measured) so that arm B at three
+           learning rates and arm A at the defaults fit about 5 minutes of one H100
+           (``benchmarks/device_suite.py``'s growth stage runs exactly that).
 The ``upscale`` fields (every one is a ``--config.upscale.FIELD=`` override):
   factor, grow           width factor k and what grows in attention ("head_dim" as the post, or "num_heads");
   widen_at               arm A's small-phase length in steps;
@@ -31,11 +35,31 @@ The ``upscale`` fields (every one is a ``--config.upscale.FIELD=`` override):
                          warmup + decay over big_steps, default train.steps - widen_at) or "rewind" (B's own
                          schedule from its step 0, as MSG);
   lr_multiplier, lr_tensors  the big phase's learning rate x lr_multiplier on "all" tensors, the
-                         "matrices" or the "hidden" width x width kernels;
-  cap                    arm A stops at cap x B's FLOPs if it has not reached B's final loss;
+                         "matrices" or the "hidden" width x width kernels; None = the parameterization's rule:
+                         2 under the standard / NTK parameterizations (the sweep's rule; it diverges at d 128 ->
+                         256), 1 under muP (``--config.model.parameterization=mup``), whose per-tensor rates
+                         already follow the width (hidden matrices at lr / (k m) after widening);
+  cap                    arm A stops at cap x B's FLOPs if it has not reached B's final loss (its big phase alone
+                         in the released scenario);
   seeds                  e.g. (0, 1, 2): every seed in workdir/seed_N, the report gives mean +/- std;
   baseline               the workdir of a finished job whose arm B (same config) to reuse instead of training it;
-  arms                   ("upscaled", "scratch") or one of them.
+  arms                   ("upscaled", "scratch") or one of them;
+  big_lr                 the big phase's peak learning rate on every tensor, None = optim.lr x lr_multiplier (set:
+                         lr_multiplier is not used);
+  scenario               "grow_during" (the default: the small phase is the first widen_at steps of B's schedule)
+                         or "released" (a small model trained to the end first, as a released checkpoint):
+    small_lr, small_steps  the released small model's own run: peak rate (None = optim.lr) and length (None =
+                         train.steps), with its own warmup and decay (optim.schedule); it is widened at its end;
+                         the big phase then runs upscale.schedule "restart" over big_steps (None = train.steps)
+                         or "rewind" (B's schedule) at big_lr;
+    small_cache          where the released small phase is kept: <small_cache>/<key>, key a hash of the small
+                         phase's own config (small model, data, optimizer at small_lr over small_steps, seed),
+                         None = workdir/small_cache; jobs that differ only in big-phase fields share it;
+  protocol               "to_target" (the default: A runs until it reaches B's final loss) or "wsd" (both arms
+                         train at a stable rate and are cooled down at several budgets; needs optim.schedule="wsd"):
+    wsd_budgets          the budgets, each a fraction of train.steps (float) or a step count (int); None =
+                         (0.25, 0.5, 0.75, 1.0). Budget T cools down over its last optim.decay_fraction x T steps
+                         from the stable run; widen_at must come before the first budget's decay.
 """
 import ml_collections
 
@@ -50,9 +74,11 @@ def get_config(arg: str | None = None):
         factor=2, grow="head_dim", widen_at=250, depth_factor=1,
         noise_db=ph(float), symmetry="zero_sum",
         map_optimizer=True, scale_updates=False,
-        schedule="rewind", big_steps=ph(int), lr_multiplier=2.0, lr_tensors="all",
+        schedule="rewind", big_steps=ph(int), lr_multiplier=ph(float), lr_tensors="all",
         cap=2.0, seeds=(), baseline=ph(str), lossless_atol=1e-5,
-        arms=("upscaled", "scratch")))
+        arms=("upscaled", "scratch"),
+        scenario="grow_during", small_lr=ph(float), small_steps=ph(int), small_cache=ph(str), big_lr=ph(float),
+        protocol="to_target", wsd_budgets=ph(tuple)))
     if variant in ("default", "mlm", "gpt"):
         preset = "gpt" if variant == "gpt" else "bert"
         objective = "mlm" if variant == "mlm" else "lm"
@@ -79,7 +105,14 @@ def get_config(arg: str | None = None):
         c.train.update(steps=50_000, log_every=100, eval_every=1000, eval_batches=32, checkpoint_every=2000)
         c.upscale.update(widen_at=8_000, grow="num_heads", noise_db=-10.0, lossless_atol=2e-2)
         c.parallel.update(fsdp=4)
+    elif variant == "gpu":
+        c.model = model_section("gpt", num_layers=8, d_model=256, num_heads=4, head_dim=64, d_ff=1024,
+                                max_len=256, dtype="bfloat16")
+        c.data.update(seq_len=256, batch_size=64, objective="lm")
+        c.optim.update(lr=1e-3, warmup_steps=200)
+        c.train.update(steps=2400, log_every=200, eval_every=100, eval_batches=8, checkpoint_every=1200)
+        c.upscale.update(widen_at=400, grow="num_heads", noise_db=-10.0, lossless_atol=2e-2)
     else:
-        raise ValueError(f"configs/upscale.py variant must be one of ('default', 'mlm', 'tiny', 'gpt', 'pod'), "
-                         f"got {variant!r}")
+        raise ValueError(f"configs/upscale.py variant must be one of ('default', 'mlm', 'tiny', 'gpt', 'pod', "
+                         f"'gpu'), got {variant!r}")
     return c

@@ -468,3 +468,12 @@ def fit_gd(x: Array, y: Array, *, key: Array, num_classes: int | None = None, wh
     history.setdefault("best_epoch", epoch)
     W, b = fold_whitening(best["W"].astype(x.dtype), best["b"].astype(x.dtype), mu, K)
     return LinearClassifier(W, b), history
+
+
+if __name__ == "__main__":  # the experiment moved: forward ``python -m kexue_jax.analytic ...`` to it
+    import sys
+
+    from kexue_jax.experiments import analytic as _experiment
+
+    print("note: the experiment is `python -m kexue_jax.experiments.analytic`; forwarding to it", file=sys.stderr)
+    sys.exit(_experiment.main())

@@ -18,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import tempfile
 import types
 import typing
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 from absl import flags
@@ -29,7 +31,8 @@ from ml_collections import config_dict, config_flags
 from kexue_jax.nn.transformer import TransformerConfig
 
 OBJECTIVES = ("lm", "mlm")
-SCHEDULES = ("cosine", "linear", "constant")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
 MODES = ("sharded", "pmap")
 
 #: Fields that may differ between a run and its resume: the number of steps (the learning-rate schedule
@@ -38,6 +41,10 @@ MODES = ("sharded", "pmap")
 #: job's sizes of its held-out measurements and its judge LM). ``section.*`` matches a whole section.
 RESUMABLE_FIELDS = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                     "train.checkpoint_every", "train.keep_checkpoints", "train.plot", "parallel.*", "eval.*")
+
+#: Fields added to the code with a value other than None that does what the code did before them: a stored
+#: config that lacks one resumes while the field holds that value (as it resumes while an added field is None).
+ADDED_FIELDS = {"upscale.scenario": "grow_during", "upscale.protocol": "to_target"}
 
 
 class ConfigError(ValueError):
@@ -87,7 +94,10 @@ def base_config(experiment: str = "lm") -> ml_collections.ConfigDict:
         val_fraction=0.1, split_seed=0, seq_len=128, batch_size=32, objective="lm", mask_rate=0.15))
     c.optim = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1, weight_decay=0.1,
-        b1=0.9, b2=0.99, eps=1e-8, clip_norm=1.0))
+        b1=0.9, b2=0.99, eps=1e-8, clip_norm=1.0,
+        # schedule "wsd" only: the share of the steps spent decaying (None = 0.2) and the decay's shape
+        # ("linear" or "1-sqrt"; None = "linear"): training.cooldown_schedule
+        decay_fraction=config_dict.placeholder(float), decay_shape=config_dict.placeholder(str)))
     c.train = ml_collections.ConfigDict(dict(
         steps=1000, grad_accum=1, log_every=50, eval_every=200, eval_batches=8, checkpoint_every=500,
         keep_checkpoints=3, alpha_warmup_steps=0, plot=True))
@@ -131,6 +141,12 @@ def validate(c, num_devices: int | None = None) -> TransformerConfig:
     if c.data.objective == "mlm" and model_cfg.mask == "causal":
         _fail("model.mask", "not 'causal' with data.objective='mlm' (use preset 'bert' or mask='bidirectional')",
               model_cfg.mask)
+    if c.data.objective == "lm" and any(m != "causal" for m in model_cfg.masks_per_layer):
+        # next-byte prediction with a non-causal mask reads the byte it predicts: a loss near 0 that means nothing
+        field, got = ("model.layer_masks", model_cfg.layer_masks) if model_cfg.layer_masks else ("model.mask",
+                                                                                                  model_cfg.mask)
+        _fail(field, "'causal' in every layer with data.objective='lm' (any other mask lets a position see the "
+                     "byte it predicts; use data.objective='mlm' for a bidirectional model)", got)
     if not 0.0 < c.data.val_fraction < 1.0:
         _fail("data.val_fraction", "a number in (0, 1)", c.data.val_fraction)
     if not 0.0 < c.data.mask_rate < 1.0:
@@ -147,6 +163,11 @@ def validate(c, num_devices: int | None = None) -> TransformerConfig:
         _fail("optim.warmup_steps", f"in [0, train.steps={c.train.steps}]", c.optim.warmup_steps)
     if not 0.0 <= c.optim.min_lr_ratio <= 1.0:
         _fail("optim.min_lr_ratio", "a number in [0, 1]", c.optim.min_lr_ratio)
+    decay_fraction, decay_shape = c.optim.get("decay_fraction"), c.optim.get("decay_shape")
+    if decay_fraction is not None and (isinstance(decay_fraction, bool) or not 0.0 < decay_fraction <= 1.0):
+        _fail("optim.decay_fraction", "None (0.2) or a number in (0, 1]", decay_fraction)
+    if decay_shape is not None and decay_shape not in DECAY_SHAPES:
+        _fail("optim.decay_shape", f"None (linear) or one of {DECAY_SHAPES}", decay_shape)
     if c.optim.weight_decay < 0:
         _fail("optim.weight_decay", "a number >= 0", c.optim.weight_decay)
     if c.optim.clip_norm is not None and c.optim.clip_norm <= 0:
@@ -191,14 +212,23 @@ def _resumable(field: str) -> bool:
 def config_changes(stored: dict, current) -> list[str]:
     """``field: stored -> current`` for every field that differs between a stored config (the dict of a
     run's ``config.json``) and ``current``, except :data:`RESUMABLE_FIELDS` and fields the stored config
-    lacks that are None now (a field added to the code since, left at "the preset's value"); [] when
-    resuming is safe."""
+    lacks that are None now (a field added to the code since, left at "the preset's value") or hold their
+    :data:`ADDED_FIELDS` value; [] when resuming is safe."""
     old = _flatten(stored)
     new = _flatten(json.loads(json.dumps(to_dict(current), default=str)))  # the JSON form: tuples as lists
     absent = "(absent)"
     return [f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in sorted(set(old) | set(new))
             if old.get(k, absent) != new.get(k, absent) and not _resumable(k)
-            and not (k not in old and new[k] is None)]
+            and not (k not in old and new[k] == ADDED_FIELDS.get(k))]
+
+
+def identity(c) -> dict:
+    """The fields of config ``c`` that a resume may not change (all but :data:`RESUMABLE_FIELDS`), flattened
+    (``"section.field": value``) in their JSON form, without those that are None or hold their
+    :data:`ADDED_FIELDS` value (so a field added to the code later keeps the identity of a config): a run
+    resumes under a config of the same identity (:func:`config_changes`)."""
+    flat = _flatten(json.loads(json.dumps(to_dict(c), default=str)))
+    return {k: v for k, v in sorted(flat.items()) if v != ADDED_FIELDS.get(k) and not _resumable(k)}
 
 
 def default_workdir(config_spec: str) -> str:
@@ -208,6 +238,57 @@ def default_workdir(config_spec: str) -> str:
     stem = os.path.splitext(os.path.basename(path))[0]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in variant)
     return os.path.join("runs", f"{stem}_{safe}" if safe else stem)
+
+
+def check_workdir(workdir: str) -> None:
+    """Raise ConfigError unless ``workdir`` is a directory this process can write, or one it can create:
+    its nearest existing ancestor must be a directory where a file can be made (a temporary file, removed
+    at once, probes it; ``os.access`` alone passes root everywhere, /proc included)."""
+    probe = os.path.abspath(workdir)
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    where = "" if probe == os.path.abspath(workdir) else f" (the nearest existing path on it is {probe!r})"
+    if not os.path.isdir(probe):
+        raise ConfigError(f"--workdir={workdir} is not a directory{where}: {probe!r} is a file; give a directory")
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir} cannot be written{where}: {e.strerror or e}; "
+                          f"give a directory you can write") from None
+
+
+_DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
+_EXCEPTION_PREFIX = re.compile(r"^[A-Za-z_.]*(Error|Exception): ")
+
+
+def command_line_error(error: BaseException, argv: Sequence[str]) -> str:
+    """One line for a command line that gives no usable config (``train.py`` prints it, status 2): a
+    misspelled field, with ml_collections' "did you mean" hint and the argument that named it; a config
+    file or variant that does not load (the error at the end of its traceback); a bad value or flag."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for text in (str(a) for e in chain for a in e.args):
+        hint = _DID_YOU_MEAN.search(text)
+        if hint is None:
+            continue
+        suggestion, key = hint.groups()
+        for arg in argv:
+            path = arg.split("=", 1)[0][2:].split(".")
+            if arg.startswith("--config.") and key in path[1:]:
+                parent = ".".join(path[:path.index(key, 1)])
+                return f"{arg}: {parent} has no field {key!r} (did you mean {suggestion!r}?)"
+        return f"config has no field {key!r} (did you mean {suggestion!r}?)"
+    first = chain[0]
+    text = str(first.args[0]) if isinstance(first, KeyError) and first.args else str(first)
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(first).__name__]
+    if len(lines) == 1:
+        return lines[0]
+    head = lines[0].rstrip(":") if lines[0].startswith("flag --") else next(
+        (a for a in argv if a.startswith("--config=")), lines[0].rstrip(":"))
+    return f"{head}: {_EXCEPTION_PREFIX.sub('', lines[-1])}"
 
 
 class _NoneOr(flags.ArgumentParser):
@@ -234,4 +315,5 @@ def accept_none_on_command_line() -> None:
 
 
 __all__ = ["base_config", "model_section", "model_config", "validate", "to_dict", "ConfigError", "RESUMABLE_FIELDS",
-           "config_changes", "accept_none_on_command_line", "default_workdir"]
+           "ADDED_FIELDS", "identity", "config_changes", "accept_none_on_command_line", "default_workdir",
+           "check_workdir", "command_line_error"]

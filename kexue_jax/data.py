@@ -273,14 +273,21 @@ def split_document(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return data[:cut].decode("utf-8", errors="replace"), data[cut:].decode("utf-8", errors="replace")
 
 
-def split_corpus(plays: Sequence[Play], val_fraction: float = 0.1, seed: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train_tokens, val_tokens): :func:`split_plays` then :func:`concat_tokens` of each side; a
-    single document is split by bytes instead (:func:`split_document`)."""
+def split_documents(plays: Sequence[Play], val_fraction: float = 0.1, seed: int = 0
+                    ) -> tuple[list[Play], list[Play]]:
+    """(train documents, validation documents): :func:`split_plays` (whole documents), or for a single
+    document its two parts by :func:`split_document` (the validation part starts at a line start)."""
     if len(plays) == 1:
         train_text, val_text = split_document(plays[0].text, val_fraction)
-        return encode(train_text), encode(val_text)
-    train, val = split_plays(plays, val_fraction, seed)
+        return [Play(plays[0].name, train_text)], [Play(plays[0].name, val_text)]
+    return split_plays(plays, val_fraction, seed)
+
+
+def split_corpus(plays: Sequence[Play], val_fraction: float = 0.1, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(train_tokens, val_tokens): :func:`concat_tokens` of each side of :func:`split_documents` (a single
+    document is split by bytes)."""
+    train, val = split_documents(plays, val_fraction, seed)
     return concat_tokens(train), concat_tokens(val)
 
 

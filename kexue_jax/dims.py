@@ -153,6 +153,75 @@ def head_size_for_length(seq_len, constant: float = POST_CONSTANT, multiple_of: 
     return int(-(-d // multiple_of) * multiple_of)
 
 
+def jl_distortion(N: int, n: int, *, dim: int = 1024, eps=(0.1, 0.25, 0.5), seed: int = 0,
+                  block: int = 1024) -> dict:
+    """Distortion of N random unit vectors' pairwise geometry under a random Gaussian projection to n
+    dimensions: the Johnson-Lindenstrauss check of the dimension formula n > 8.33 ln N (kexue.fm/archives/8711;
+    the JL bounds of kexue.fm/archives/8706).
+
+    x_1..x_N are uniform on the unit sphere of R^dim; A in R^{n x dim} has i.i.d. N(0, 1/n) entries (post
+    8706's projection). For every pair i < j it measures the inner-product error
+    D_ij = <A x_i, A x_j> - <x_i, x_j> and the squared-distance ratio ||A(x_i - x_j)||^2 / ||x_i - x_j||^2.
+    What the formulas predict (returned beside the measurements):
+
+    * D_ij has mean 0 and variance (1 + <x_i, x_j>^2) / n, so rms(D) = sqrt((1 + m2) / n), m2 the mean
+      squared cosine of the pairs (about 1 / dim); mean |D| = rms sqrt(2 / pi);
+    * the largest |D| of P = N(N-1)/2 pairs is about rms sqrt(2 ln P) (Gaussian tails, union bound), so at
+      n = 8.33 ln N it tends to sqrt(4 / 8.33) = 0.69 for large N: the formula's dimension keeps every inner
+      product to about +-0.7, not to a small eps;
+    * JL: n >= 24 ln N / eps^2 (post 8706; 16 ln N / eps^2 "is enough") keeps every squared distance within
+      (1 +- eps), so ``eps_jl24`` / ``eps_jl16`` = sqrt(24 ln N / n) / sqrt(16 ln N / n) is the eps the lemma
+      guarantees at this n (above 1: nothing); at n = 8.33 ln N it is 1.70 / 1.39.
+
+    Returns a JSON-ready dict: the inputs, ``bound`` (8.33 ln N) and ``min_dim``; ``ip_max`` / ``ip_mean`` /
+    ``ip_rms`` of |D| and their ``*_predicted`` values; ``dist_max`` (max |ratio - 1|); ``ip_within`` /
+    ``dist_within``: {eps: fraction of pairs with |D| <= eps, resp. |ratio - 1| <= eps}, and
+    ``ip_within_predicted`` = erf(eps / (rms sqrt 2)); ``norm_max`` (max | ||A x_i||^2 - 1 |); ``eps_jl24``,
+    ``eps_jl16``. Work O(N^2 (dim + n)) in row blocks of ``block`` (memory
+    O(block N)); NumPy float64, deterministic in ``seed``.
+    """
+    N = _check_int("N", N, 2)
+    n = _check_int("n", n, 1)
+    dim = _check_int("dim", dim, 2)
+    block = _check_int("block", block, 1)
+    eps = tuple(_check_positive("eps", e) for e in np.atleast_1d(eps).tolist())
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = x @ (rng.standard_normal((dim, n)) / math.sqrt(n))  # rows A x_i (A^T drawn as [dim, n])
+    ny = np.sum(y * y, axis=1)
+    pairs = N * (N - 1) // 2
+    ip_abs_sum = ip_sq_sum = cos_sq_sum = ip_max = dist_max = 0.0
+    ip_hits, dist_hits = np.zeros(len(eps)), np.zeros(len(eps))
+    limits = np.asarray(eps)[:, None]
+    for lo in range(0, N - 1, block):
+        hi = min(lo + block, N)
+        g, h = x[lo:hi] @ x.T, y[lo:hi] @ y.T
+        rows, cols = np.nonzero(np.arange(lo, hi)[:, None] < np.arange(N)[None, :])  # pairs i < j
+        c, d = g[rows, cols], h[rows, cols] - g[rows, cols]
+        ratio = (ny[lo:hi][rows] + ny[cols] - 2.0 * h[rows, cols]) / (2.0 - 2.0 * c) - 1.0
+        ip_abs_sum += float(np.sum(np.abs(d)))
+        ip_sq_sum += float(np.sum(d * d))
+        cos_sq_sum += float(np.sum(c * c))
+        ip_max = max(ip_max, float(np.max(np.abs(d))))
+        dist_max = max(dist_max, float(np.max(np.abs(ratio))))
+        ip_hits += np.sum(np.abs(d)[None, :] <= limits, axis=1)
+        dist_hits += np.sum(np.abs(ratio)[None, :] <= limits, axis=1)
+    rms_predicted = math.sqrt((1.0 + cos_sq_sum / pairs) / n)
+    return {
+        "N": N, "n": n, "dim": dim, "seed": seed, "pairs": pairs,
+        "bound": dimension_bound(N), "min_dim": min_dim(N),
+        "ip_max": ip_max, "ip_mean": ip_abs_sum / pairs, "ip_rms": math.sqrt(ip_sq_sum / pairs),
+        "ip_rms_predicted": rms_predicted, "ip_mean_predicted": rms_predicted * math.sqrt(2.0 / math.pi),
+        "ip_max_predicted": rms_predicted * math.sqrt(2.0 * math.log(pairs)) if pairs > 1 else rms_predicted,
+        "dist_max": dist_max, "norm_max": float(np.max(np.abs(ny - 1.0))),
+        "ip_within": {f"{e:g}": float(k / pairs) for e, k in zip(eps, ip_hits)},
+        "ip_within_predicted": {f"{e:g}": math.erf(e / (rms_predicted * math.sqrt(2.0))) for e in eps},
+        "dist_within": {f"{e:g}": float(k / pairs) for e, k in zip(eps, dist_hits)},
+        "eps_jl24": math.sqrt(24.0 * math.log(N) / n), "eps_jl16": math.sqrt(16.0 * math.log(N) / n),
+    }
+
+
 def summary(N, constant: float = POST_CONSTANT) -> dict:
     """All the numbers of the formula for N items, as a JSON-ready dict (used by the CLI)."""
     n = min_dim(N, constant)

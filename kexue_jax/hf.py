@@ -690,7 +690,8 @@ def copy_sentence_files(src, out, d_model: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kexue_jax.hf embed|widen ...`` (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m kexue_jax.hf", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kexue_jax.hf",  # the docstring's whole first sentence
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True)
     p_embed = sub.add_parser("embed", help="print sentence embeddings as JSON (a list of vectors)")
     p_embed.add_argument("--model", default=None, help="checkpoint directory (default: bundled all-MiniLM-L6-v2)")

@@ -25,8 +25,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MODES = ("sharded", "pmap")
 BATCH_AXES = ("data", "fsdp")
 
-#: dense bf16 peak FLOP/s per device for MFU (vendor figures); other devices are measured.
+#: dense bf16 peak FLOP/s per device for MFU (vendor figures, no sparsity); other devices are measured.
+#: The first key contained in the lower-cased ``device_kind`` wins, so the PCIe / NVL H100 come first.
 _PEAK_FLOPS = {"v4": 275e12, "v5 lite": 197e12, "v5e": 197e12, "v5p": 459e12, "v6": 918e12,
+               "h100 pcie": 756e12, "h100 nvl": 835e12,
                "h100": 989e12, "h200": 989e12, "a100": 312e12, "l4": 121e12}
 
 
@@ -125,15 +127,23 @@ def _measured_peak(platform: str, n: int = 1024, repeats: int = 5) -> float:
     return 2.0 * n ** 3 / best
 
 
-def peak_flops_per_device(device=None) -> float:
-    """Peak FLOP/s of one device: the vendor bf16 figure for known TPUs/GPUs, else a measured fp32
-    matmul (1024^3, best of 5) for CPUs. Used only for the MFU estimate in the progress line."""
+def vendor_peak_flops(device=None) -> tuple[float | None, str | None]:
+    """(dense bf16 peak FLOP/s, the table key that matched ``device.device_kind``) for a known TPU/GPU,
+    else (None, None): the figure an MFU against the chip's peak divides by."""
     device = jax.devices()[0] if device is None else device
     kind = getattr(device, "device_kind", "").lower()
     for name, flops in _PEAK_FLOPS.items():
         if name in kind:
-            return flops
-    return _measured_peak(device.platform)
+            return flops, name
+    return None, None
+
+
+def peak_flops_per_device(device=None) -> float:
+    """Peak FLOP/s of one device: the vendor bf16 figure for known TPUs/GPUs, else a measured fp32
+    matmul (1024^3, best of 5) for CPUs. Used only for the MFU estimate in the progress line."""
+    device = jax.devices()[0] if device is None else device
+    flops, _ = vendor_peak_flops(device)
+    return flops if flops is not None else _measured_peak(device.platform)
 
 
 def describe(mesh: Mesh | None = None) -> dict[str, Any]:

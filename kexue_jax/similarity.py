@@ -154,9 +154,11 @@ def cosent_loss(cos, scores, scale: float = 20.0):
 
 def mnrl_loss(u, v, scale: float = 20.0):
     """Multiple-negatives ranking: mean_i -log softmax_j(scale cos(u_i, v_j))[i]; (u_i, v_i) are positive
-    pairs and every other v_j in the batch is a negative (sentence-transformers' default scale 20)."""
-    sims = scale * (hf.l2_normalize(u) @ hf.l2_normalize(v).T)
-    logp = jax.nn.log_softmax(sims.astype(jnp.float32), axis=-1)
+    pairs and every other v_j in the batch is a negative (sentence-transformers' default scale 20).
+    Computed in at least float32: bf16 / fp16 inputs are upcast, float64 stays float64."""
+    dtype = jnp.promote_types(jnp.result_type(u, v), jnp.float32)
+    sims = scale * (hf.l2_normalize(u.astype(dtype)) @ hf.l2_normalize(v.astype(dtype)).T)
+    logp = jax.nn.log_softmax(sims, axis=-1)
     return -jnp.mean(jnp.diagonal(logp))
 
 

@@ -13,7 +13,8 @@ The alpha-residual scale alpha_t = min(1, t / T) (kexue.fm/archives/8620) is com
 Faults: a workdir stores the config that started it (``config.json``) and refuses a resume with another
 one (``check_resume``); every process restores the same checkpoint step (unreadable steps are moved to
 ``checkpoints/corrupt/`` and written again); SIGTERM on any process stops all of them at the same step,
-after saving it. ``run_phase`` = ``check_resume`` -> ``restore_or_init`` -> ``compile_steps`` -> ``train_loop``.
+after saving it (Ctrl-C too, on one process).
+``run_phase`` = ``check_resume`` -> ``restore_or_init`` -> ``compile_steps`` -> ``train_loop``.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from kexue_jax import data as data_lib
 from kexue_jax import flops as flops_lib
 from kexue_jax import metrics as metrics_lib
 from kexue_jax import parallel
-from kexue_jax.nn import Transformer, TransformerConfig, alpha_schedule
+from kexue_jax.nn import Transformer, TransformerConfig, alpha_schedule, mup_lr_scales
 
 log = logging.getLogger("kexue_jax")
 
@@ -60,6 +61,8 @@ class TrainState:
 def make_schedule(optim, total_steps: int, *, start: int = 0):
     """Linear warmup to ``optim.lr`` over ``optim.warmup_steps``, then cosine/linear decay to
     ``lr * min_lr_ratio`` at ``total_steps`` (or constant), as a function of the optimizer step count.
+    ``"wsd"`` (warmup-stable-decay): the constant rate, then :func:`cooldown_schedule` over the last
+    ``wsd_decay_steps(optim, total_steps)`` steps (Hagele et al. 2024; MiniCPM).
 
     ``start`` shifts the whole schedule: lr(t) = base(t - start). Arm A of the upscaling job uses it to
     re-warm the learning rate after widening (a fresh warmup and decay over the big model's steps)."""
@@ -73,9 +76,46 @@ def make_schedule(optim, total_steps: int, *, start: int = 0):
     else:
         decay = optax.constant_schedule(lr)
     base = optax.join_schedules([optax.linear_schedule(0.0, lr, warm), decay], [warm]) if warm else decay
+    if optim.schedule == "wsd":
+        base = cooldown_schedule(base, optim, total_steps - wsd_decay_steps(optim, total_steps), total_steps)
     if not start:
         return base
     return lambda count: base(jnp.maximum(count - start, 0))
+
+
+#: ``optim.decay_fraction`` when it is None: the share of the steps a WSD schedule spends decaying.
+DEFAULT_DECAY_FRACTION = 0.2
+
+
+def wsd_decay_steps(optim, total_steps: int) -> int:
+    """D = max(1, round(decay_fraction x total_steps)): the length of a WSD schedule's final decay
+    (``optim.decay_fraction``, default :data:`DEFAULT_DECAY_FRACTION`)."""
+    frac = getattr(optim, "decay_fraction", None)
+    return max(1, round((DEFAULT_DECAY_FRACTION if frac is None else float(frac)) * total_steps))
+
+
+def wsd_factor(x, min_lr_ratio: float, shape: str | None = "linear"):
+    """The WSD decay's multiplier at the fraction x in [0, 1] of the decay, from 1 down to r = min_lr_ratio:
+    "linear" (the default, None) 1 - (1 - r) x; "1-sqrt" 1 - (1 - r) sqrt(x) (Hagele et al. 2024)."""
+    drop = jnp.sqrt(x) if shape == "1-sqrt" else x
+    return 1.0 - (1.0 - float(min_lr_ratio)) * drop
+
+
+def cooldown_schedule(schedule, optim, start: int, end: int):
+    """``schedule`` until step ``start``, then its rate at ``start`` decayed to ``min_lr_ratio`` of it at
+    ``end`` and kept there:
+
+        lr(t) = schedule(min(t, start)) x wsd_factor(clip((t - start) / (end - start), 0, 1))
+
+    with ``optim.min_lr_ratio`` and ``optim.decay_shape``. A WSD run of length T is the warmup-then-constant
+    schedule cooled down from T - D to T, so a stable-phase run cooled down from T_i - D_i reproduces the
+    WSD run of length T_i exactly."""
+    length, ratio, shape = max(1, end - start), float(optim.min_lr_ratio), getattr(optim, "decay_shape", None)
+
+    def lr(count):
+        x = jnp.clip((count - start) / length, 0.0, 1.0)
+        return schedule(jnp.minimum(count, start)) * wsd_factor(x, ratio, shape)
+    return lr
 
 
 def _per_tensor_scale(scales) -> optax.GradientTransformation:
@@ -85,17 +125,34 @@ def _per_tensor_scale(scales) -> optax.GradientTransformation:
     return optax.stateless(lambda u, p=None: jax.tree_util.tree_map(lambda a, c: a * c.astype(a.dtype), u, scales))
 
 
+def model_lr_scales(model_cfg: TransformerConfig | None):
+    """The per-tensor learning-rate multipliers the model's parameterization asks for: muP's
+    (``kexue_jax.nn.mup.mup_lr_scales``: lr / m on the hidden matrices) under ``parameterization="mup"``,
+    None (all 1) otherwise."""
+    if model_cfg is None or model_cfg.parameterization != "mup":
+        return None
+    shapes = jax.eval_shape(lambda key: Transformer(model_cfg).init(key, jnp.zeros((1, 1), jnp.int32))["params"],
+                            jax.random.PRNGKey(0))
+    return mup_lr_scales(shapes, model_cfg)
+
+
 def make_optimizer(optim, total_steps: int, *, update_scales=None, start: int = 0, lr_scales=None,
-                   schedule=None) -> optax.GradientTransformation:
+                   schedule=None, model_cfg: TransformerConfig | None = None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping and decoupled weight decay on matrices (ndim >= 2).
 
     The chain always has the same structure, clip -> scale_by_adam -> [per-tensor update scale] ->
     decay -> -lr -> [per-tensor learning-rate multiplier], so Adam state maps between a small and a widened
     model (``upscale``). ``lr_scales`` multiplies the whole step of each tensor (decay included), i.e. a
-    per-tensor learning rate lr_i = lr x lr_scales_i. ``schedule`` replaces ``make_schedule(optim,
-    total_steps, start=start)``."""
+    per-tensor learning rate lr_i = lr x lr_scales_i. ``model_cfg``: the model the optimizer trains; under
+    muP its per-tensor rates (``model_lr_scales``) multiply ``lr_scales``. ``schedule`` replaces
+    ``make_schedule(optim, total_steps, start=start)``."""
     def decay_mask(params):
         return jax.tree_util.tree_map(lambda x: jnp.ndim(x) >= 2, params)
+
+    param_scales = model_lr_scales(model_cfg)
+    if param_scales is not None:
+        lr_scales = param_scales if lr_scales is None else jax.tree_util.tree_map(jnp.multiply, param_scales,
+                                                                                   lr_scales)
 
     clip = optax.identity() if optim.clip_norm is None else optax.clip_by_global_norm(float(optim.clip_norm))
     return optax.chain(
@@ -292,28 +349,36 @@ def itstime(step: int, every: int, *, last: int | None = None) -> bool:
 
 
 class _Preemption:
-    """Whether to stop for SIGTERM after a step, decided alike on every process.
+    """Whether to stop for SIGTERM or Ctrl-C (SIGINT) after a step, decided alike on every process.
 
-    One process: SIGTERM sets a flag (a Python handler, restored on exit). Several processes:
-    ``jax.distributed`` catches SIGTERM on whichever process receives it, and
-    ``multihost_utils.reached_preemption_sync_point(step)`` becomes True at the same step on all
-    processes (no Python handler is installed there: it would replace jax's)."""
+    One process: SIGTERM and SIGINT set a flag (Python handlers, restored on exit); a second SIGINT raises
+    KeyboardInterrupt at once (a user who presses Ctrl-C twice does not wait for the save). Several
+    processes: ``jax.distributed`` catches SIGTERM on whichever process receives it, and
+    ``multihost_utils.reached_preemption_sync_point(step)`` becomes True at the same step on all processes
+    (no Python SIGTERM handler is installed there: it would replace jax's; SIGINT keeps Python's default,
+    KeyboardInterrupt, since one process's Ctrl-C is not agreed with the others)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum = signal.SIGTERM  # the signal that asked to stop (SIGTERM in the multi-process case)
+        self._old: dict = {}
         self._multi = jax.process_count() > 1
 
     def __enter__(self):
         if not self._multi:
-            try:
-                self._old = signal.signal(signal.SIGTERM, self._handle)
-            except ValueError:  # not the main thread
-                self._old = None
+            for signum in self.SIGNALS:
+                try:
+                    self._old[signum] = signal.signal(signum, self._handle)
+                except ValueError:  # not the main thread
+                    break
         return self
 
     def _handle(self, signum, frame):
-        self.requested = True
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signum = True, signal.Signals(signum)
 
     def reached(self, step: int) -> bool:
         """Call once per step, on every process, with the same ``step``."""
@@ -322,12 +387,17 @@ class _Preemption:
         return self.requested
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for signum, old in self._old.items():
+            signal.signal(signum, old)
 
 
 class Preempted(RuntimeError):
-    """The run received SIGTERM and saved a checkpoint; rerun the same command to resume."""
+    """The run received SIGTERM or SIGINT (``signum``) and saved a checkpoint; rerun the same command to
+    resume. ``train.py`` prints its message as one line and exits with status 128 + ``signum``."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 def check_resume(config, workdir: str) -> None:
@@ -509,7 +579,8 @@ def _previous_history(workdir: str, step: int) -> list[dict]:
 def train_loop(phase: Phase, config, compiled: Compiled, rec: _Recorder, step: int, *,
                stop_after: int | None = None):
     """Steps [step, phase.end): train, log a step late, evaluate, checkpoint; returns the run state.
-    SIGTERM (agreed by all processes) saves the current step and raises :class:`Preempted`."""
+    SIGTERM (agreed by all processes) or Ctrl-C (one process) saves the current step and raises
+    :class:`Preempted`."""
     c = config.train
     run_state, pending, bad, ran = compiled.run_state, None, jnp.zeros((), bool), 0
     with _Preemption() as preempt:
@@ -535,7 +606,8 @@ def train_loop(phase: Phase, config, compiled: Compiled, rec: _Recorder, step: i
                 rec.save(step, run_state)
                 if preempted:
                     rec.ckpt.wait()
-                    raise Preempted(f"{rec.tag}SIGTERM: saved step {step}; rerun to resume")
+                    raise Preempted(f"{rec.tag}{preempt.signum.name}: saved step {step}; rerun to resume",
+                                    preempt.signum)
             if stop_after is not None and ran >= stop_after:
                 break
         if pending is not None:
@@ -587,7 +659,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> PhaseResult
     model_cfg, mesh = prepare(config)
     corpus = load_corpus(config.data)
     check_resume(config, workdir)
-    tx = make_optimizer(config.optim, config.train.steps)
+    tx = make_optimizer(config.optim, config.train.steps, model_cfg=model_cfg)
     model = Transformer(model_cfg)
     say(f"model: {model_cfg.to_dict()}")
     say(f"devices: {parallel.describe(mesh)}; corpus: {len(corpus.train):,} train / {len(corpus.val):,} val bytes")

@@ -28,7 +28,12 @@ sum up) and the bias factor is alpha_out. With s = 1/sqrt(k):
     vocab bias, T5 relative bias        1                   (rel. bias repeated over heads)
 
 Under the NTK parameterization (forward multiplier m = sqrt(extra / fan_in)) the rule applies to the
-effective weight W m; the stored weight is rescaled by m_small / m_big. Linear attention (post 8610) is
+effective weight W m; the stored weight is rescaled by m_small / m_big.
+
+Under muP (``parameterization="mup"``, ``kexue_jax.nn.mup``) the invariant is x~ = rep(x): s = 1 in every row
+of the table (``hidden_scale``), so vectors are pure repeats, kernels rep(W)/k, norms keep their eps, and the
+readout multiplier 1/m -> 1/(k m) absorbs the k copies of the tied output sum (rep(h).rep(e) = k h.e); the
+untied head is a pure repeat. Theta(1) coordinates at every width are what muP asks of a hidden vector. Linear attention (post 8610) is
 exact with pure-repeat q and k in both grow modes (its normalised kernel cancels the k copies).
 
 RoPE with ``grow="head_dim"`` repeats pairs, (x1,x2,x3,x4) -> (x1,x2,x1,x2,x3,x4,x3,x4)/sqrt(k); copy r of
@@ -113,6 +118,12 @@ def _check_factor(factor) -> int:
     return int(factor)
 
 
+def hidden_scale(cfg: TransformerConfig, factor: int) -> float:
+    """s in the invariant x~ = s rep(x) of the widened model's hidden vectors: 1/sqrt(k) (the post; norms and the
+    tied readout see the same function), or 1 under muP (coordinates stay Theta(1); the readout's 1/m absorbs k)."""
+    return 1.0 if cfg.parameterization == "mup" else 1.0 / math.sqrt(factor)
+
+
 def _check_grow(grow: str) -> None:
     if grow not in GROW_MODES:
         raise ValueError(f"grow must be one of {GROW_MODES}, got {grow!r}")
@@ -126,22 +137,26 @@ def _ffn_rule(cfg: TransformerConfig, rules: WidenRules) -> str:
 
 def widen_config(cfg: TransformerConfig, factor: int, *, grow: str = "head_dim",
                  rules: WidenRules = WidenRules()) -> TransformerConfig:
-    """The config of the widened model: d_model, d_ff and head_dim (or num_heads) times k; eps -> eps/k
-    for norms whose input is scaled by 1/sqrt(k); the MLM-head norm (input a pure repeat) keeps its eps."""
+    """The config of the widened model: d_model, d_ff and head_dim (or num_heads) times k; eps -> eps s^2 for
+    norms whose input is scaled by s = ``hidden_scale`` (eps/k; unchanged under muP); the MLM-head norm (input a
+    pure repeat) keeps its eps. A muP model keeps its ``mup_base_d_model`` (None: the small model's d_model), so its
+    width multiplier becomes k m."""
     k = _check_factor(factor)
     _check_grow(grow)
     if cfg.residual in ("rezero", "deepnorm"):
         raise ValueError(f"widen: residual={cfg.residual!r} has no widening rule yet (ReZero's trainable scalar "
                          f"and DeepNorm's init gains are not mapped); use residual 'post', 'pre', 'alpha' or "
                          f"'alpha_post'")
+    s2 = hidden_scale(cfg, k) ** 2
     head_eps = cfg.norm_eps if cfg.head_norm_eps is None else cfg.head_norm_eps
     if _ffn_rule(cfg, rules) == "plain":
-        head_eps = head_eps / k
+        head_eps = head_eps * s2
     return cfg.replace(
-        d_model=cfg.d_model * k, d_ff=cfg.d_ff * k, norm_eps=cfg.norm_eps / k,
+        d_model=cfg.d_model * k, d_ff=cfg.d_ff * k, norm_eps=cfg.norm_eps * s2,
         head_norm_eps=head_eps if cfg.head == "mlm" else cfg.head_norm_eps,
         num_heads=cfg.num_heads * (k if grow == "num_heads" else 1),
-        head_dim=cfg.head_dim * (k if grow == "head_dim" else 1), **_mixer_config_changes(cfg, k))
+        head_dim=cfg.head_dim * (k if grow == "head_dim" else 1), **_mixer_config_changes(cfg, k),
+        **({"mup_base_d_model": cfg.mup_base_d_model or cfg.d_model} if cfg.parameterization == "mup" else {}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -153,6 +168,7 @@ class _Rule:
     factor: float          # multiplies the repeated effective weight
     in_axes: int = 0       # number of leading input axes (kernels), 0 for vectors/embeddings
     qk: bool = False       # q/k kernel: the T5 init-variance factor enters its NTK multiplier
+    readout: bool = False  # the untied output layer: muP's readout multiplier 1/m enters its multiplier
 
 
 def _qk_alpha(cfg: TransformerConfig, k: int, grow: str, rules: WidenRules) -> float:
@@ -160,7 +176,7 @@ def _qk_alpha(cfg: TransformerConfig, k: int, grow: str, rules: WidenRules) -> f
     if cfg.token_mixer == "linear" or grow == "num_heads":
         return 1.0
     if not rules.qk_compensation:
-        return 1.0 / math.sqrt(k)
+        return hidden_scale(cfg, k)
     return {"sqrt": k ** -0.25, "t5": 1.0 / math.sqrt(k), "none": 1.0 / math.sqrt(k), "mup": 1.0}[cfg.attn_scale]
 
 
@@ -174,52 +190,54 @@ def _mixer_config_changes(cfg: TransformerConfig, k: int) -> dict:
     return {}
 
 
-def _mixer_rule(path: Path, k: int) -> _Rule | None:
+def _mixer_rule(path: Path, k: int, s: float) -> _Rule | None:
     """Widening rules of the non-attention token mixers (``kexue_jax.nn.mixers``, kexue.fm/archives/8431).
 
-    The mixer's input is s rep(x) and its output must be s rep(y) (s = 1/sqrt(k)). Token-axis (n x n)
-    matrices act on every channel alike, so they are never repeated; only their scale and biases change:
+    The mixer's input is s rep(x) and its output must be s rep(y) (s = ``hidden_scale``: 1/sqrt(k), or 1 under
+    muP). A kernel reading s rep(x) whose output must be a pure repeat (or keep a fixed size) gets r = 1/(k s)
+    (= s when s = 1/sqrt(k)). Token-axis (n x n) matrices act on every channel alike, so they are never
+    repeated; only their scale and biases change:
 
         Synthesizer logits [H, n, n], ResMLP A, gMLP W and b, conv kernels [H, K]   unchanged (heads repeated
                                                                                    under grow="num_heads")
-        Mixer W_1 (reads s rep x, GELU needs x)  sqrt(k);  b_1 unchanged;  W_2, b_2  s
+        Mixer W_1 (reads s rep x, GELU needs x)  1/s;  b_1 unchanged;  W_2, b_2  s
         ResMLP Aff alpha unchanged, beta s;  A's per-token bias s (it adds one scalar to every channel)
-        gMLP U [D, 2F]  s (gelu(X U) a pure repeat; interleaved repetition of the 2F axis is the repetition of
+        gMLP U [D, 2F]  r (gelu(X U) a pure repeat; interleaved repetition of the 2F axis is the repetition of
                         each half, so the [Z_1 | Z_2] split survives; a tiled [x, x] copy would not);
                         gate norm unchanged with the small eps (``mixer_norm_eps``);  V  s / k, bias s
-        aMLP tiny attention (size fixed)  q, k, v kernels s (input rows repeated);  out [1, da, F] repeated
-        External M_k [D, S]  s (logits unchanged);  M_v [S, D]  s
-        conv GLU: value kernel 1/k, bias s; gate kernel s, bias 1; dynamic kernel s; output 1/k, bias s
-        Synthesizer-Dense W_1 s (bias 1, hidden a pure repeat); W_2 [D, H, n] 1/k; value / out as attention
+        aMLP tiny attention (size fixed)  q, k, v kernels r (input rows repeated);  out [1, da, F] repeated
+        External M_k [D, S]  r (logits unchanged);  M_v [S, D]  s
+        conv GLU: value kernel 1/k, bias s; gate kernel r, bias 1; dynamic kernel r; output 1/k, bias s
+        Synthesizer-Dense W_1 r (bias 1, hidden a pure repeat); W_2 [D, H, n] 1/k; value / out as attention
         FNet  no parameters; the config's ``mixer_copies`` x k keeps the small hidden DFT (see fnet_mix)
     """
-    s = 1.0 / math.sqrt(k)
+    r = 1.0 / (k * s)
     name, parent = path[-1], path[-2]
     direct = {  # parameters of layer_i/mixer itself: (axes, factor, in_axes)
         "logits": (("heads", "fixed", "fixed"), 1.0, 0), "conv_kernel": (("heads", "fixed"), 1.0, 0),
-        "token_in": (("fixed", "fixed"), math.sqrt(k), 0), "token_in_bias": (("fixed",), 1.0, 0),
+        "token_in": (("fixed", "fixed"), 1.0 / s, 0), "token_in_bias": (("fixed",), 1.0, 0),
         "token_out": (("fixed", "fixed"), s, 0), "token_out_bias": (("fixed",), s, 0),
         "aff_in_alpha": (("model",), 1.0, 0), "aff_in_beta": (("model",), s, 0),
         "aff_out_alpha": (("model",), 1.0, 0), "aff_out_beta": (("model",), s, 0),
         "token": (("fixed", "fixed"), 1.0, 0), "token_bias": (("fixed",), s, 0),
         "spatial": (("fixed", "fixed"), 1.0, 0), "spatial_bias": (("fixed",), 1.0, 0),
-        "memory_key": (("model", "fixed"), s, 1), "memory_value": (("fixed", "model"), s, 1),
+        "memory_key": (("model", "fixed"), r, 1), "memory_value": (("fixed", "model"), s, 1),
     }
     if parent == "mixer" and name in direct:
         return _Rule(*direct[name])
     if parent == "sgu_norm":
         return _Rule(("ff",), 1.0)
-    tiny_qkv = (("model", "fixed", "fixed"), s, 1, ("fixed", "fixed"), 1.0)
+    tiny_qkv = (("model", "fixed", "fixed"), r, 1, ("fixed", "fixed"), 1.0)
     dense = {  # kernel axes, kernel factor, kernel input axes, bias axes, bias factor
-        "dense_hidden": (("model", "model"), s, 1, ("model",), 1.0),
+        "dense_hidden": (("model", "model"), r, 1, ("model",), 1.0),
         "dense_logits": (("model", "heads", "fixed"), 1.0 / k, 1, ("heads", "fixed"), 1.0),
-        "proj_in": (("model", "ff"), s, 1, ("ff",), 1.0),
+        "proj_in": (("model", "ff"), r, 1, ("ff",), 1.0),
         "proj_out": (("ff", "model"), s / k, 1, ("model",), s),
         "tiny_query": tiny_qkv, "tiny_key": tiny_qkv, "tiny_value": tiny_qkv,
         "tiny_out": (("fixed", "fixed", "ff"), 1.0, 2, ("ff",), 1.0),
         "glu_in": (("model", "model"), 1.0 / k, 1, ("model",), s),
-        "glu_gate": (("model", "model"), s, 1, ("model",), 1.0),
-        "dynamic": (("model", "heads", "fixed"), s, 1, ("heads", "fixed"), 1.0),
+        "glu_gate": (("model", "model"), r, 1, ("model",), 1.0),
+        "dynamic": (("model", "heads", "fixed"), r, 1, ("heads", "fixed"), 1.0),
         "conv_out": (("model", "model"), 1.0 / k, 1, ("model",), s),
     }
     if parent in dense:
@@ -229,9 +247,9 @@ def _mixer_rule(path: Path, k: int) -> _Rule | None:
 
 
 def _rule(path: Path, cfg: TransformerConfig, k: int, grow: str, rules: WidenRules) -> _Rule:
-    s = 1.0 / math.sqrt(k)
+    s = hidden_scale(cfg, k)
     if "mixer" in path[:-1]:
-        mixer_rule = _mixer_rule(path, k)
+        mixer_rule = _mixer_rule(path, k, s)
         if mixer_rule is not None:
             return mixer_rule
     two_step = _ffn_rule(cfg, rules) == "two_step"
@@ -262,7 +280,7 @@ def _rule(path: Path, cfg: TransformerConfig, k: int, grow: str, rules: WidenRul
     a_in, a_out, k_axes, b_axes, qk = dense_out[kind]
     if name == "kernel":
         return _Rule(k_axes, a_out / (k * a_in), in_axes=len(k_axes) - (2 if kind in ("query", "key", "value")
-                                                                       else 1), qk=qk)
+                                                                       else 1), qk=qk, readout=kind == "head")
     if kind == "wo" and rules.ffn2_bias == "post":
         return _Rule(b_axes, 1.0 / k)
     return _Rule(b_axes, a_out)
@@ -277,7 +295,8 @@ def _multiplier(cfg: TransformerConfig, shape: Sequence[int], rule: _Rule) -> fl
     if not rule.in_axes:
         return 1.0
     extra = qk_init_variance_factor(cfg.attn_scale, cfg.mixer_head_dim) if rule.qk else 1.0
-    return cfg.kernel_multiplier(int(np.prod(shape[:rule.in_axes])), extra)
+    readout = cfg.readout_multiplier if rule.readout else 1.0
+    return cfg.kernel_multiplier(int(np.prod(shape[:rule.in_axes])), extra) * readout
 
 
 def _pairwise(cfg: TransformerConfig, axis_kind: str, grow: str) -> bool:
@@ -594,7 +613,7 @@ def assert_lossless(small_params, small_cfg: TransformerConfig, big_params, big_
                     *, atol: float = 1e-5, rtol: float = 1e-5, segment_ids=None):
     """chex-check that the widened model computes the same function as the small one on ``batch``.
 
-    Checks (1) logits equal; (2) every hidden state h~ = rep(h)/sqrt(k) (the embedding output, each block
+    Checks (1) logits equal; (2) every hidden state h~ = s rep(h), s = ``hidden_scale`` (the embedding output, each block
     output, the final norm output and the MLM-head norm output) and the MLM-head dense output a pure
     repeat; (3) every attention probability matrix equal per head (repeated over head copies under
     grow="num_heads"). Tolerances are relative to each tensor's scale: |a - b| <= atol * max|b| + rtol |b|.
@@ -615,8 +634,8 @@ def assert_lossless(small_params, small_cfg: TransformerConfig, big_params, big_
 
     small_logits, small_aux = run(small_cfg, small_params)
     big_logits, big_aux = run(big_cfg, big_params)
-    s = 1.0 / math.sqrt(k)
-    # logits are unchanged; with head="none" the output is the final hidden state, rep(h)/sqrt(k)
+    s = hidden_scale(small_cfg, k)
+    # logits are unchanged; with head="none" the output is the final hidden state, s rep(h)
     want_out = s * _rep_model(small_logits, k) if small_cfg.head == "none" else small_logits
     pairs: list[tuple[str, Any, Any]] = [("logits", big_logits, want_out)]
     for i, (hb, hs) in enumerate(zip(big_aux["hidden"], small_aux["hidden"])):

@@ -100,3 +100,36 @@ def test_cli_prints_dimension_first():
     assert info["bound"] == pytest.approx(95.9027, abs=1e-4)
     bad = subprocess.run([sys.executable, "-m", "kexue_jax.dims", "-5"], capture_output=True, text=True)
     assert bad.returncode != 0 and "N must be" in bad.stderr
+
+
+def test_jl_distortion_at_the_formula_dimension_matches_the_gaussian_prediction():
+    """Post 8711's check: N = 200 random unit vectors (R^512) projected to n = min_dim(N) = 44 = 8.33 ln N.
+    Tolerances (from 30 seeds: rms and mean |D| within 5%, max within -11% / +31%, fractions within 0.02):
+    rms and mean |D| within 10% of sqrt((1 + m2) / n) and its sqrt(2/pi) multiple, the max within 40% of
+    rms sqrt(2 ln P), the fraction of pairs within eps within 0.04 of erf(eps / (rms sqrt 2))."""
+    N = 200
+    r = dims.jl_distortion(N, dims.min_dim(N), dim=512, seed=0)
+    assert r["n"] == 44 and r["pairs"] == N * (N - 1) // 2
+    assert r["ip_rms"] == pytest.approx(r["ip_rms_predicted"], rel=0.10)
+    assert r["ip_rms_predicted"] == pytest.approx(1 / math.sqrt(44), rel=0.01)  # m2 ~ 1/dim
+    assert r["ip_mean"] == pytest.approx(r["ip_mean_predicted"], rel=0.10)
+    assert r["ip_max"] == pytest.approx(r["ip_max_predicted"], rel=0.40)
+    for eps in ("0.1", "0.25", "0.5"):
+        assert r["ip_within"][eps] == pytest.approx(r["ip_within_predicted"][eps], abs=0.04)
+    # the formula's numbers: at n = 8.33 ln N the worst pair is off by about sqrt(4 / 8.33) = 0.69 ...
+    assert r["ip_max_predicted"] == pytest.approx(math.sqrt(4 / 8.33), abs=0.05)
+    # ... and the JL bounds guarantee nothing there (eps > 1): sqrt(24 / 8.33) = 1.70, sqrt(16 / 8.33) = 1.39
+    assert r["eps_jl24"] == pytest.approx(math.sqrt(24 / 8.33), rel=0.01) and r["eps_jl16"] > 1
+
+
+def test_jl_distortion_keeps_every_pair_within_eps_above_the_jl_bound():
+    """n >= 16 ln N / eps^2 (post 8706's "enough" JL bound), eps = 0.5: every squared distance of the
+    N = 200 vectors within (1 +- 0.5) (30 seeds: the worst pair at 0.38 or less)."""
+    N, eps = 200, 0.5
+    n = math.ceil(16 * math.log(N) / eps ** 2)
+    r = dims.jl_distortion(N, n, dim=512, eps=(eps,), seed=0)
+    assert r["dist_max"] < eps and r["dist_within"]["0.5"] == 1.0 and r["eps_jl16"] <= eps
+    blocked = dims.jl_distortion(N, n, dim=512, eps=(eps,), seed=0, block=37)  # blocks change only rounding
+    assert blocked.keys() == r.keys() and all(blocked[k] == pytest.approx(v, rel=1e-12) for k, v in r.items())
+    with pytest.raises(ValueError, match="N must be"):
+        dims.jl_distortion(1, 4)

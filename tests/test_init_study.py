@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -77,7 +78,8 @@ def test_attention_entropy_at_init_tracks_the_scale(tiny_run):
 def test_rerun_resumes_cell_by_cell(tiny_run, capsys):
     config, workdir, report = tiny_run
     victim = report["runs"][3]["name"]
-    os.remove(os.path.join(workdir, "cells", init_study._safe(victim) + ".json"))
+    cell = next(c for c in init_study.grid(config, init_study.validate(config)) if c.name == victim)
+    os.remove(init_study.cell_path(os.path.join(workdir, "cells"), cell, config))
     again = init_study.run(config, workdir)
     out = capsys.readouterr().out
     assert out.count("final val") == 1 and victim in out  # only the deleted cell ran again
@@ -85,6 +87,25 @@ def test_rerun_resumes_cell_by_cell(tiny_run, capsys):
     new = {r["name"]: r for r in again["runs"]}
     assert old.keys() == new.keys()
     np.testing.assert_allclose(new[victim]["final_val_loss"], old[victim]["final_val_loss"], rtol=1e-5)
+
+
+def test_rerun_with_other_settings_trains_its_own_cells(tiny_run, tmp_path, capsys):
+    """A rerun in the same workdir at another batch size and width reused 24 of 26 cells trained at the old
+    settings (only names containing d_model changed); each cell is now keyed by every setting that trains it."""
+    _, workdir, _ = tiny_run
+    shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+    config = get_config("tiny")
+    config.study.sections = ("param",)  # 4 cells, already trained by the fixture's run
+    init_study.run(config, str(tmp_path))
+    assert capsys.readouterr().out.count("final val") == 0
+    config.data.batch_size, config.model.d_model = 8, 48
+    again = init_study.run(config, str(tmp_path))
+    assert capsys.readouterr().out.count("final val") == 4  # every cell trained anew, none reused
+    assert {(r["d_model"], r["name"]) for r in again["runs"]} == {(48, c.name) for c in
+                                                                  init_study.grid(config, init_study.validate(config))}
+    assert len(os.listdir(tmp_path / "cells")) == 26 + 4  # the old settings' cells are kept, never mixed in
+    config.train.plot, config.study.report_only = False, True  # settings that do not train: same cells
+    assert [r["name"] for r in init_study.run(config, str(tmp_path))["runs"]] == [r["name"] for r in again["runs"]]
 
 
 def test_lr_schedule_and_truncation_helpers():

@@ -66,6 +66,18 @@ def test_mnrl_matches_numpy():
                                -np.mean(np.diag(logp)), rtol=1e-5)
 
 
+def test_mnrl_upcasts_only(x64):
+    """float64 stays float64 (to float64 accuracy); bf16 / fp16 inputs are computed in float32."""
+    u, v = (x.astype(np.float64) for x in _vectors(5, n=5))
+    s = 20.0 * (u / np.linalg.norm(u, axis=1, keepdims=True)) @ (v / np.linalg.norm(v, axis=1, keepdims=True)).T
+    want = -np.mean(np.diag(s - np.log(np.sum(np.exp(s), 1, keepdims=True))))
+    got = similarity.mnrl_loss(jnp.asarray(u), jnp.asarray(v), 20.0)
+    assert got.dtype == jnp.float64
+    np.testing.assert_allclose(float(got), want, rtol=1e-12)
+    for low in (jnp.bfloat16, jnp.float16):
+        assert similarity.mnrl_loss(jnp.asarray(u, low), jnp.asarray(v, low), 20.0).dtype == jnp.float32
+
+
 def test_retrieval_distillation_matches_loops():
     t, _ = _vectors(3, n=5, d=8)
     s, _ = _vectors(4, n=5, d=4)   # the student may have another width

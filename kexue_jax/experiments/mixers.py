@@ -269,6 +269,9 @@ def finetune(cfg: TransformerConfig, encoder_params, data: dict, study, key) -> 
 def validate(config) -> TransformerConfig:
     """Check the study's config before anything is read or compiled; returns the base model config."""
     base = config_lib.validate(_arm_config(config, "mlm"))
+    if base.layer_masks:  # the study sets the mask per objective (causal for LM): per-layer masks would override it
+        raise config_lib.ConfigError(f"config.model.layer_masks must be () in the mixer study (it uses a causal mask "
+                                     f"for LM and a bidirectional one for MLM), got {base.layer_masks!r}")
     s = config.study
     for m in s.mixers:
         if m not in ALL_MIXERS:

@@ -1,13 +1,18 @@
 """UniVAE job and CLI (kexue.fm/archives/8475): ``python train.py --config=configs/univae.py[:tiny]``.
 
 Data: Shakespeare's spoken lines (speaker-name lines dropped) of at most ``src_len - 2`` bytes, each as
-``[CLS] bytes [SEP] PAD...`` (fixed length ``src_len``); train and held-out lines come from disjoint plays
-(``data.split_plays``). Training: AdamW (``training.make_optimizer``), z ~ vMF(mu, kappa), batches a pure
-function of (seed, step), orbax checkpoints (a rerun resumes), metrics.jsonl / progress line / loss.png
-like every job. After training, process 0 writes into the workdir:
+``[CLS] bytes [SEP] PAD...`` (fixed length ``src_len``), or the lines of ``data.path`` (a file, folder or
+glob of UTF-8 text); train and held-out lines come from disjoint plays or files (``data.split_documents``;
+a single file holds out its last ``data.val_fraction`` of lines). Training: AdamW
+(``training.make_optimizer``), z ~ vMF(mu, kappa), batches a pure function of (seed, step), orbax
+checkpoints (a rerun resumes), metrics.jsonl / progress line / loss.png like every job. After training,
+process 0 writes into the workdir:
 
 * ``samples.md``: 10 prior samples, 10 held-out reconstructions, and for 5 held-out lines 5 resamples of
   the lowest latent layer and 5 of the highest;
+* latent layers are numbered from 0 = the lowest, everywhere: ``--layers`` of the CLI, ``univae.resample``,
+  report.json's ``multiscale.layers`` and samples.md; the Transformer layer each one sits on (counted from
+  0) is given beside it (``multiscale.transformer_layers``);
 * ``report.json``: reconstruction from mu on held-out lines (exact-match rate, byte accuracy); the
   multi-scale claim (resample the lowest vs the highest latent layer of ``eval.n_resample`` held-out lines:
   byte edit distance to the source and MiniLM cosine similarity, ``kexue_jax.hf.embed``); prior-sample
@@ -122,14 +127,23 @@ def to_text(tokens, vocab: Vocab = BYTES) -> str:
 
 
 def load_lines(c) -> tuple[list[str], list[str]]:
-    """(train lines, held-out lines) from disjoint plays."""
-    plays = data_lib.load_plays(c.data.path or None)
-    train, val = data_lib.split_plays(plays, c.data.val_fraction, c.data.split_seed)
+    """(train lines, held-out lines) from disjoint documents (``data.split_documents``: whole plays or files;
+    a single file gives its last ``data.val_fraction`` of lines, as ``configs/lm.py`` splits it). Raises
+    ConfigError naming ``data.path`` for a path that gives no text or too few lines."""
+    try:
+        plays = data_lib.load_plays(c.data.path or None)
+    except ValueError as e:
+        message = f"config.{e}" if str(e).startswith("data.") else f"config.data.path: {e}"
+        raise config_lib.ConfigError(message) from None
+    train, val = data_lib.split_documents(plays, c.data.val_fraction, c.data.split_seed)
     mx = c.univae.src_len - 2
     tr, va = spoken_lines(train, mx, c.data.min_bytes), spoken_lines(val, mx, c.data.min_bytes)
     if len(tr) < c.data.batch_size or len(va) < 10:
-        raise ValueError(f"config.data: too few lines of {c.data.min_bytes}..{mx} bytes (train {len(tr)}, held-out "
-                         f"{len(va)}); lower data.min_bytes or raise univae.src_len")
+        source = repr(c.data.path) if c.data.path else "the embedded corpus"
+        raise config_lib.ConfigError(
+            f"config.data.path: {source} has too few distinct lines of {c.data.min_bytes}..{mx} bytes (train "
+            f"{len(tr)}, need data.batch_size={c.data.batch_size}; held-out {len(va)}, need 10); give more text, "
+            f"lower data.min_bytes or data.batch_size, or raise univae.src_len")
     return tr, va
 
 
@@ -174,13 +188,15 @@ def load_minilm(params):
 
 def validate(c) -> U.UniVAEConfig:
     """Check everything before data is read or anything compiles (errors name the config field)."""
-    for field in ("data.batch_size", "train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                  "train.checkpoint_every", "train.keep_checkpoints", "eval.n_heldout", "eval.n_resample",
-                  "eval.n_prior"):
+    for field in ("data.batch_size", "data.min_bytes", "train.steps", "train.log_every", "train.eval_every",
+                  "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints", "eval.n_heldout",
+                  "eval.n_resample", "eval.n_prior"):
         section, name = field.split(".")
         v = c[section][name]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"config.{field} must be a positive integer, got {v!r}")
+    if not 0.0 < c.data.val_fraction < 1.0:
+        raise ValueError(f"config.data.val_fraction must be a number in (0, 1), got {c.data.val_fraction!r}")
     if c.eval.method not in U.METHODS:
         raise ValueError(f"config.eval.method must be one of {U.METHODS}, got {c.eval.method!r}")
     if c.eval.lm_variant not in ("", "tiny", "default", "bert", "pod"):
@@ -452,7 +468,8 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
     # reference points: the plain reconstruction (nothing resampled) and an unrelated held-out line
     texts["reconstruction"] = [to_text(r, vocab) for r in _batched(rec_fn, ms_src, bs)]
     texts["other_line"] = ms_lines[1:] + ms_lines[:1]
-    ms = {"n": len(ms_lines), "layers": {"lowest": cfg.latent_layers[0], "highest": cfg.latent_layers[-1]}}
+    ms = {"n": len(ms_lines), "layers": {"lowest": 0, "highest": cfg.n_latent - 1},
+          "transformer_layers": {"lowest": cfg.latent_layers[0], "highest": cfg.latent_layers[-1]}}
     ms.update(text_change(ms_lines, texts))
     low, high = ms["lowest"], ms["highest"]
     ms["supports_claim"] = bool(high["edit_distance"]["mean"] > low["edit_distance"]["mean"] and
@@ -483,8 +500,8 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
     lines_md += [f"| `{held[i]}` | `{to_text(rec[i], vocab)}` |" for i in range(min(10, len(held)))]
     five = np.concatenate([to_tokens(held[:5], cfg.src_len, vocab)] * (bs // 5 + 1))[:bs]  # the compiled batch
     for name, layer in (("lowest", 0), ("highest", cfg.n_latent - 1)):
-        lines_md += ["", f"## Resampling the {name} latent layer (layer {cfg.latent_layers[layer]}), 5 draws each",
-                     ""]
+        lines_md += ["", f"## Resampling the {name} latent layer (`--layers {layer}`; Transformer layer "
+                         f"{cfg.latent_layers[layer]}), 5 draws each", ""]
         outs = [np.asarray(resample(jnp.asarray(five), jax.random.PRNGKey(50 + r), layer)) for r in range(5)]
         for i in range(min(5, len(held))):
             lines_md += [f"- `{held[i]}` ->"] + [f"  - `{to_text(o[i], vocab)}`" for o in outs]
@@ -510,7 +527,8 @@ def load(workdir: str):
     """(config, UniVAEConfig, Vocab, params) of a trained workdir (its config.json and latest checkpoint)."""
     path = os.path.join(workdir, metrics_lib.CONFIG_FILE)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--workdir {workdir!r} has no config.json: train it first with "
+        what = "has no config.json" if os.path.isdir(workdir) else "does not exist"
+        raise FileNotFoundError(f"--workdir {workdir!r} {what}: train a UniVAE there first with "
                                 f"python train.py --config=configs/univae.py --workdir={workdir}")
     with open(path, encoding="utf-8") as f:
         c = ml_collections.ConfigDict(json.load(f))
@@ -524,43 +542,86 @@ def load(workdir: str):
     return c, cfg, vocab, state.params
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``error: ...``) and status 2, without the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_layers(spec: str, n_latent: int) -> list[int]:
+    """The latent indices of ``--layers`` ("0,2"; 0 = the lowest latent layer, as ``univae.resample`` and
+    report.json's ``multiscale.layers`` count them). Raises ValueError naming ``--layers``."""
+    try:
+        layers = [int(x) for x in spec.split(",")]
+    except ValueError:
+        layers = []
+    if not layers or len(set(layers)) != len(layers) or any(not 0 <= i < n_latent for i in layers):
+        raise ValueError(f"--layers must be distinct comma-separated latent indices in [0, {n_latent}) "
+                         f"(0 = the lowest latent layer), got {spec!r}")
+    return layers
+
+
+def source_tokens(texts: Sequence[str], cfg: U.UniVAEConfig, vocab: Vocab) -> np.ndarray:
+    """``to_tokens`` of command-line texts, with one warning line on stderr for each text longer than the
+    model reads (``univae.src_len - 2`` tokens): it is cut, and the warning shows what is left."""
+    limit = cfg.src_len - 2
+    for text in texts:
+        ids = vocab.encode(text)
+        if len(ids) > limit:
+            print(f"warning: --text is {len(ids)} tokens, more than univae.src_len - 2 = {limit}: cut to "
+                  f"{vocab.decode(ids[:limit])!r}", file=sys.stderr)
+    return to_tokens(texts, cfg.src_len, vocab)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kexue_jax.experiments.univae", description=__doc__.split("\n")[0])
+    """The CLI (module docstring). A bad argument, or a workdir without a trained run, ends in one line
+    ``error: ...`` and status 2."""
+    ap = _OneLineParser(prog="python -m kexue_jax.experiments.univae", description=__doc__.split("\n")[0])
     ap.add_argument("command", choices=("sample", "reconstruct", "resample", "interpolate"))
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--text", action="append", default=[], help="source line(s) (repeatable)")
     ap.add_argument("--text2", default=None, help="interpolate: the other end")
     ap.add_argument("--layers", default="0", help="resample: comma-separated latent indices (0 = lowest)")
     ap.add_argument("--n", type=int, default=5, help="sample / resample: how many")
-    ap.add_argument("--steps", type=int, default=5, help="interpolate: points including both ends")
+    ap.add_argument("--steps", type=int, default=5, help="interpolate: points including both ends (>= 2)")
     ap.add_argument("--method", default="greedy", choices=U.METHODS)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    _, cfg, vocab, params = load(a.workdir)
-    key = jax.random.PRNGKey(a.seed)
-    dkw = dict(method=a.method, temperature=a.temperature, key=jax.random.fold_in(key, 1))
     if a.command != "sample" and not a.text:
         ap.error(f"{a.command} needs --text")
+    if a.command == "interpolate" and a.text2 is None:
+        ap.error("interpolate needs --text and --text2")
+    if a.n < 1:
+        ap.error(f"--n must be a positive integer, got {a.n}")
+    if a.steps < 2:
+        ap.error(f"--steps must be an integer >= 2 (both ends included), got {a.steps}")
+    if not a.temperature > 0:
+        ap.error(f"--temperature must be a number > 0, got {a.temperature}")
+    try:
+        _, cfg, vocab, params = load(a.workdir)
+        layers = parse_layers(a.layers, cfg.n_latent) if a.command == "resample" else []
+    except (FileNotFoundError, ValueError) as e:
+        ap.error(str(e))
+    key = jax.random.PRNGKey(a.seed)
+    dkw = dict(method=a.method, temperature=a.temperature, key=jax.random.fold_in(key, 1))
     if a.command == "sample":
         for row in np.asarray(U.decode(params, cfg, U.sample_prior(key, cfg, a.n, params), **dkw)):
             print(to_text(row, vocab))
     elif a.command == "reconstruct":
-        src = to_tokens(a.text, cfg.src_len, vocab)
+        src = source_tokens(a.text, cfg, vocab)
         for t, row in zip(a.text, np.asarray(U.reconstruct(params, cfg, src, **dkw))):
             print(f"{t}\t->\t{to_text(row, vocab)}")
     elif a.command == "resample":
-        layers = [int(x) for x in a.layers.split(",")]
-        src = to_tokens(a.text, cfg.src_len, vocab)
+        src = source_tokens(a.text, cfg, vocab)
         for r in range(a.n):
             out, _ = U.resample(params, cfg, src, layers, jax.random.fold_in(key, r),
                                 method=a.method, temperature=a.temperature)
             for t, row in zip(a.text, np.asarray(out)):
                 print(f"{t}\t->\t{to_text(row, vocab)}")
     else:
-        if a.text2 is None:
-            ap.error("interpolate needs --text and --text2")
-        z = U.encode(params, cfg, to_tokens([a.text[0], a.text2], cfg.src_len, vocab))
+        z = U.encode(params, cfg, source_tokens([a.text[0], a.text2], cfg, vocab))
         zs = U.interpolate(z[0], z[1], a.steps)
         for i, row in enumerate(np.asarray(U.decode(params, cfg, zs, **dkw))):
             print(f"{i / (a.steps - 1):.2f}\t{to_text(row, vocab)}")

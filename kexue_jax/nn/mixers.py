@@ -240,7 +240,7 @@ def _matrix_init(cfg, fan_in: int):
     N(0, 1/fan_in) when init_std is None or under NTK (token matrices carry no forward multiplier). With
     LeCun at init_std = 0.02 embeddings the Mixer's token MLP adds O(1) random mixing to a residual stream of
     std 0.02, and it stayed at the unigram loss in the study."""
-    if cfg.init_std is not None and cfg.parameterization == "standard":
+    if cfg.init_std is not None and cfg.parameterization != "ntk":  # fixed-size (n x n): muP leaves it alone
         return initializers.truncated_normal(cfg.init_std)
     return nn.initializers.normal(1.0 / math.sqrt(fan_in))
 
@@ -413,7 +413,8 @@ def validate_config(cfg, fail) -> None:
     if any(m not in ("causal", "bidirectional") for m in masks):
         fail("mask", f"'causal' or 'bidirectional' with token_mixer={kind!r}", cfg.mask)
     if kind in BIDIRECTIONAL_ONLY and "causal" in masks:
-        fail("mask", f"'bidirectional' with token_mixer={kind!r} (it has no causal form)", cfg.mask)
+        fail("mask", f"'bidirectional' with token_mixer={kind!r}, which has no causal form: it trains an MLM "
+                     "(data.objective='mlm'), never a causal LM (choose another token_mixer for one)", cfg.mask)
     if cfg.position == "relative":
         fail("position", f"one of ('learned', 'rope', 'none') with token_mixer={kind!r}", cfg.position)
     if kind == "mixer" and "causal" in masks and token_mlp_dim(cfg) != cfg.max_len:

@@ -55,7 +55,10 @@ HOMOGENEOUS_ACTIVATIONS = ("relu", "linear")
 FFNS = ("plain", "gated")
 POSITIONS = ("learned", "rope", "relative", "none")
 HEADS = ("lm", "mlm", "none")
-PARAMETERIZATIONS = ("standard", "ntk")
+PARAMETERIZATIONS = ("standard", "ntk", "mup")
+#: token mixers with a width x fixed-size kernel other than the readout (an "output-like" tensor that muP would
+#: give a 1/m forward multiplier of its own): not supported under parameterization="mup".
+MUP_UNSUPPORTED_MIXERS = ("synthesizer_dense", "external", "amlp")
 TOKEN_MIXERS = ("attention", "linear") + mixers_lib.MIXERS  # the others: kexue.fm/archives/8431, nn/mixers.py
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -121,7 +124,8 @@ class TransformerConfig:
     head: str = "lm"                  # lm (h E^T or h W) | mlm (dense + act + norm + E^T + bias) | none (h)
     tie_embeddings: bool = True
     init_std: float | None = 0.02     # None: second-moment (LeCun) init, embeddings N(0, 1/D)
-    parameterization: str = "standard"  # standard | ntk (W ~ N(0,1), forward x 1/sqrt(fan_in))
+    parameterization: str = "standard"  # standard | ntk (W ~ N(0,1), forward x 1/sqrt(fan_in)) | mup (nn/init.py)
+    mup_base_d_model: int | None = None  # muP base width: multiplier m = d_model / mup_base_d_model (None: m = 1)
     dropout_rate: float = 0.0
     dtype: str = "float32"            # compute dtype
     param_dtype: str = "float32"
@@ -184,8 +188,26 @@ class TransformerConfig:
             _fail("tie_embeddings", "True with head='mlm' (the MLM head reads the token embedding)",
                   self.tie_embeddings)
         mixers_lib.validate_config(self, _fail)
-        if self.embed_norm and self.residual in ("pre", "alpha"):
-            pass  # allowed: an embedding norm before a Pre-Norm stack is harmless
+        self._validate_mup()
+
+    def _validate_mup(self) -> None:
+        """muP's cross-field rules (Tensor Programs V, Table 3; see ``kexue_jax.nn.init`` "muP")."""
+        if self.parameterization != "mup":
+            if self.mup_base_d_model is not None:
+                _fail("mup_base_d_model", "None unless parameterization='mup'", self.mup_base_d_model)
+            return
+        base = self.mup_base_d_model
+        if base is not None and (not isinstance(base, int) or isinstance(base, bool) or base < 1):
+            _fail("mup_base_d_model", "None (= d_model, m = 1) or a positive integer", base)
+        if self.attn_scale != "mup":
+            _fail("attn_scale", "'mup' (logits q.k / d_head) with parameterization='mup' (muP's attention scale; "
+                  "TransformerConfig.preset sets it when parameterization='mup' is given)", self.attn_scale)
+        if self.token_mixer in MUP_UNSUPPORTED_MIXERS:
+            _fail("token_mixer", f"not one of {MUP_UNSUPPORTED_MIXERS} with parameterization='mup' (their "
+                  f"width x fixed-size kernels have no muP multiplier here)", self.token_mixer)
+        if self.token_mixer == "conv" and self.conv_kind == "dynamic":
+            _fail("conv_kind", "'lightweight' with parameterization='mup' (the dynamic kernel [D, H, K] is "
+                  "output-like and has no muP multiplier here)", self.conv_kind)
 
     # -- presets ------------------------------------------------------------------------------
     @classmethod
@@ -200,7 +222,10 @@ class TransformerConfig:
         if unknown:
             raise ValueError(f"unknown TransformerConfig field(s) {sorted(unknown)}; fields are "
                              f"{[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**{**_PRESETS[name], **overrides})
+        preset = dict(_PRESETS[name])
+        if overrides.get("parameterization") == "mup":  # muP's 1/d attention, unless the caller chose one
+            preset["attn_scale"] = "mup"
+        return cls(**{**preset, **overrides})
 
     def replace(self, **changes) -> "TransformerConfig":
         return dataclasses.replace(self, **changes)
@@ -236,23 +261,42 @@ class TransformerConfig:
         """Head size of the token mixer: head_dim, times linear_head_multiplier for linear attention."""
         return self.head_dim * (self.linear_head_multiplier if self.token_mixer == "linear" else 1)
 
-    def kernel_init(self, in_axes: int = 1, extra: float = 1.0):
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier m = d_model / mup_base_d_model (1 when the base is None or not muP)."""
+        if self.parameterization != "mup" or self.mup_base_d_model is None:
+            return 1.0
+        return self.d_model / self.mup_base_d_model
+
+    @property
+    def readout_multiplier(self) -> float:
+        """Forward multiplier of the logits: 1/m under muP (microsoft/mup's MuReadout / MuSharedReadout for a
+        tied embedding), else 1."""
+        return 1.0 / self.width_mult
+
+    def kernel_init(self, in_axes: int = 1, extra: float = 1.0, *, readout: bool = False):
         """Initializer of a dense kernel: N(0,1) under NTK, else truncated normal with std
-        init_std * sqrt(extra), or second-moment (LeCun) init with variance extra/fan_in."""
+        init_std * sqrt(extra), or second-moment (LeCun) init with variance extra/fan_in.
+
+        Under muP a hidden kernel (``readout=False``) has variance proportional to 1/fan_in: init_std^2 extra / m
+        (the standard init at the base width), or extra / fan_in; the readout keeps the base width's variance,
+        init_std^2 extra, or extra m / fan_in = extra / base_fan_in (microsoft/mup rescales MuReadout so)."""
         if self.parameterization == "ntk":
             return initializers.normal(1.0)
+        m = self.width_mult
         if self.init_std is None:
-            return initializers.second_moment(1.0, "truncated_normal", in_axes, extra=extra)
-        return initializers.truncated_normal(self.init_std * math.sqrt(extra))
+            return initializers.second_moment(1.0, "truncated_normal", in_axes, extra=extra * (m if readout else 1.0))
+        return initializers.truncated_normal(self.init_std * math.sqrt(extra / (1.0 if readout else m)))
 
     def kernel_multiplier(self, fan_in: int, extra: float = 1.0) -> float:
         """Forward multiplier of a dense kernel: sqrt(extra / fan_in) under NTK, else 1."""
         return math.sqrt(extra / fan_in) if self.parameterization == "ntk" else 1.0
 
     def embed_init(self):
-        """Embedding init: truncated normal with init_std, or N(0, 1/d_model) when init_std is None."""
+        """Embedding init: truncated normal with init_std, or N(0, 1/d_model) when init_std is None
+        (N(0, 1/mup_base_d_model) under muP: input weights keep their base-width init)."""
         if self.init_std is None:
-            return initializers.normal(1.0 / math.sqrt(self.d_model))
+            return initializers.normal(1.0 / math.sqrt(self.d_model / self.width_mult))
         return initializers.truncated_normal(self.init_std)
 
 
@@ -476,9 +520,11 @@ def _output_head(module: nn.Module, cfg: TransformerConfig, x, token_table, aux:
         aux["mlm_normed"] = x
     if cfg.tie_embeddings:
         logits = jnp.einsum("bld,vd->blv", x, token_table.astype(dt))
+        if cfg.readout_multiplier != 1.0:  # muP: MuSharedReadout's 1/m
+            logits = logits * jnp.asarray(cfg.readout_multiplier, dt)
     else:
-        logits = Dense((cfg.vocab_size,), use_bias=False, kernel_init=cfg.kernel_init(),
-                       multiplier=cfg.kernel_multiplier(cfg.d_model), dtype=dt,
+        logits = Dense((cfg.vocab_size,), use_bias=False, kernel_init=cfg.kernel_init(readout=True),
+                       multiplier=cfg.kernel_multiplier(cfg.d_model) * cfg.readout_multiplier, dtype=dt,
                        param_dtype=cfg.param_jnp_dtype, name="head")(x)
     if cfg.head == "mlm":
         logits = logits + module.param("output_bias", nn.initializers.zeros, (cfg.vocab_size,),

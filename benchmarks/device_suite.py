@@ -88,7 +88,7 @@ from kexue_jax import data as data_lib  # noqa: E402
 from kexue_jax import flops as flops_lib  # noqa: E402
 from kexue_jax import parallel, training  # noqa: E402
 from kexue_jax.experiments import upscale as upscale_job  # noqa: E402
-from kexue_jax.nn import Transformer  # noqa: E402
+from kexue_jax.nn import Transformer, TransformerConfig  # noqa: E402
 
 STAGES = ("throughput", "pod_path", "growth")
 STAGE_KEYS = ("stage", "status", "reason", "budget_s", "elapsed_s")
@@ -490,7 +490,11 @@ def stage_throughput(ctx: Context, deadline: float) -> dict:
     n = mesh.size
     b = plan.batch_per_device * n
     att = device_attention(small.dtype)
-    small, big = small.replace(attention_impl=att), big.replace(attention_impl=att)
+    # the plain flax reference is the standard GPT: time the same model (muP only adds one scalar multiply of the
+    # logits; the pod path and growth stages run the config's own parameterization)
+    standard = dict(attention_impl=att, parameterization="standard", mup_base_d_model=None,
+                    attn_scale=TransformerConfig.preset("gpt").attn_scale)
+    small, big = small.replace(**standard), big.replace(**standard)
     fp32 = small.replace(dtype="float32", attention_impl="auto")
     gpu = jax.default_backend() == "gpu"
     rows = [Row(f"project d{small.d_model}", "project", small, b, seq, "small"),

@@ -28,7 +28,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from kexue_jax import flops
+from kexue_jax import flops, reporting
 from kexue_jax.nn.linear_attention import linear_attention
 
 H, D_HEAD, D_MODEL, D_FF = 12, 64, 768, 3072
@@ -182,13 +182,11 @@ def run(ns, budget_s, max_score_gib, out_dir, seed=0):
 
 
 def plot(rows, predicted, path):
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    fig = reporting.figure(figsize=(12, 4.5))
+    if fig is None:
+        return
     ns = [r["n"] for r in rows]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax, ax2 = fig.subplots(1, 2)
     for key, label in [("softmax_cpu_ms", "softmax layer"), ("linear_r1_cpu_ms", "linear layer, head d"),
                        ("linear_r4_cpu_ms", "linear layer, head 4d"), ("sa_cpu_ms", "softmax SA sub-layer alone"),
                        ("ffn_cpu_ms", "FFN sub-layer alone")]:
@@ -211,7 +209,6 @@ def plot(rows, predicted, path):
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main():

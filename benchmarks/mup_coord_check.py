@@ -43,9 +43,10 @@ def main(argv=None):
     with open(os.path.join(a.out, "coord_check.json"), "w") as f:
         json.dump({"protocol": vars(a), "summary": summary,
                    "data": {p_: {str(w): v for w, v in d.items()} for p_, d in data.items()}}, f, indent=1)
-    try:
-        from matplotlib.figure import Figure  # noqa: PLC0415
-        fig = Figure(figsize=(11, 4.2))
+    from kexue_jax import reporting  # noqa: PLC0415
+
+    fig = reporting.figure(figsize=(11, 4.2))
+    if fig is not None:
         for i, param in enumerate(("mup", "standard")):
             ax = fig.add_subplot(1, 2, i + 1)
             for j, name in enumerate(data[param][widths[0]]):
@@ -61,8 +62,6 @@ def main(argv=None):
             ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(a.out, "coord_check.png"), dpi=110)
-    except ImportError:
-        print("matplotlib is not installed: no plot written")
     print(json.dumps(summary, indent=1))
 
 

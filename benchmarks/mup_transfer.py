@@ -171,12 +171,11 @@ def _grid_steps(a, lrs) -> int | None:
 
 
 def _plot(a, table, path):
-    try:
-        from matplotlib.figure import Figure  # noqa: PLC0415
-    except ImportError:
-        print("matplotlib is not installed: no plot written")
+    from kexue_jax import reporting  # noqa: PLC0415
+
+    fig = reporting.figure(figsize=(10, 4))
+    if fig is None:
         return
-    fig = Figure(figsize=(10, 4))
     for i, param in enumerate(a.params):
         ax = fig.add_subplot(1, len(a.params), i + 1)
         for width in a.widths:

@@ -36,6 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repo root, for configs/
 
+from kexue_jax.reporting import figure, seed_stats, write_json_atomic  # noqa: E402 (numpy only)
+
 LRS = [1.5e-3, 3e-3, 6e-3]  # arm B's learning rates (``--lrs``)
 A_LR = 3e-3  # arm A's small phase without a tuned B (with one: B's rate); its big phase is that x lr_multiplier
 CENTRE = {"upscale.noise_db": -10.0, "upscale.symmetry": "zero_sum", "upscale.widen_frac": 1 / 6,
@@ -234,8 +236,7 @@ def execute(runs: list[dict], workdir: str, workers: int, deadline: float) -> li
                       flush=True)
                 if "error" not in row:
                     rows.append(row)
-                    with open(path, "w") as f:
-                        json.dump({"rows": others + rows}, f)
+                    write_json_atomic(path, {"rows": others + rows}, indent=None)
         except cf.TimeoutError:
             print(json.dumps({"deadline": deadline, "finished": len(rows), "cancelled": [
                 futures[f]["name"] for f in futures if not f.done()]}), flush=True)
@@ -299,12 +300,9 @@ def analyze(rows: list[dict]) -> dict:
                             for lr in lrs_for(m) if b_name(m, lr, 0) in by} for m in best}}
 
 
-def seed_stats(values: list) -> dict:
-    """Mean and sample std (ddof 1; None for one value) over the seeds that reached (``n``) of all (``of``)."""
-    import numpy as np  # noqa: PLC0415
-    v = [x for x in values if x is not None]
-    return {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
-            "n": len(v), "of": len(values)}
+def _of(stats: dict) -> int:
+    """The number of seeds behind ``seed_stats`` (reached or not); an older multi-seed report has ``missing``."""
+    return len(stats["values"]) if "values" in stats else stats["n"] + stats.get("missing", 0)
 
 
 def _f(v, nd=3):
@@ -329,7 +327,7 @@ def tables(an: dict) -> str:
                 "| setting | compute saving | given small | loss gap at B's FLOPs |", "|---|---|---|---|"]
         for key, st in an["seeds"].items():
             cell = lambda d: ("not reached" if d["mean"] is None else  # noqa: E731
-                              f"{d['mean']:.3f} ± {_f(d['std'], 3)} (n={d['n']}/{d['of']})")
+                              f"{d['mean']:.3f} ± {_f(d['std'], 3)} (n={d['n']}/{_of(d)})")
             out.append(f"| {key} | {cell(st['compute_saving'])} | {cell(st['compute_saving_given_small'])} | "
                        f"{cell(st['loss_gap_at_equal_flops'])} |")
     return "\n".join(out) + "\n"
@@ -353,9 +351,8 @@ def size_study(an: dict, main_report: dict | None = None) -> list[dict]:
             row = {k: seed_stats([r[k] for r in rs]) for k in from_report}
             row["b_lr"] = an["best_lr"].get(model)
         elif model == "main" and main_report is not None:
-            of = len(main_report.get("seeds") or [0])
-            # a multi-seed report holds {mean, std, n, missing} per figure, a one-seed report the figure itself
-            row = {k: {**v, "of": of} if isinstance(v, dict) else seed_stats([v])
+            # a multi-seed report holds seed_stats per figure, a one-seed report the figure itself
+            row = {k: v if isinstance(v, dict) else seed_stats([v])
                    for k, v in ((k, main_report.get(rk)) for k, rk in from_report.items())}
             row["b_lr"] = main_report.get("settings", {}).get("lr")
         else:
@@ -369,7 +366,7 @@ def size_table(rows: list[dict]) -> str:
         if d is None or d["mean"] is None:
             return "not reached"
         sd = "" if d["std"] is None else f" ± {d['std']:.{nd}f}"
-        return f"{d['mean']:.{nd}f}{sd} ({d['n']}/{d['of']})"
+        return f"{d['mean']:.{nd}f}{sd} ({d['n']}/{_of(d)})"
     out = ["## Size study: the job's defaults at three widths (mean ± sample std; (n/of) = seeds that reached)", "",
            "| widths | B's lr | target (B's final loss) | compute saving | given small | loss gap A − B at B's FLOPs |",
            "|---|---|---|---|---|---|"]
@@ -382,13 +379,10 @@ def size_table(rows: list[dict]) -> str:
 
 def plot_size_study(rows: list[dict], path: str) -> bool:
     """Saving (both ratios) and loss gap against the big model's width, with seed error bars."""
-    try:
-        import matplotlib  # noqa: PLC0415
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
+    fig = figure(figsize=(10, 4))
+    if fig is None:
         return False
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    a1, a2 = fig.subplots(1, 2)
     x = [r["d_big"] for r in rows]
 
     def series(ax, key, **kw):  # mean +/- std of one figure against the width (nan where no seed reached)
@@ -415,7 +409,6 @@ def plot_size_study(rows: list[dict], path: str) -> bool:
                title="loss gap at equal compute (< 0: growth ahead)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -492,8 +485,7 @@ def main(argv=None):
         with open(args.main_report) as f:
             main_report = json.load(f)
     an["size_study"] = size_study(an, main_report)
-    with open(os.path.join(args.workdir, "analysis.json"), "w") as f:
-        json.dump(an, f, indent=1)
+    write_json_atomic(os.path.join(args.workdir, "analysis.json"), an, indent=1)
     md = f"# Upscaling sweep ({args.scale})\n\n" + tables(an)
     if an["size_study"]:
         md += "\n" + size_table(an["size_study"])

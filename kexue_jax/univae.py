@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from kexue_jax.nn import init as initializers
+from kexue_jax.nn.norms import l2_normalize
 from kexue_jax.nn.transformer import Transformer, TransformerConfig, init_cache
 
 Array = jax.Array
@@ -159,10 +160,6 @@ def init(key, cfg: UniVAEConfig) -> dict:
             latent[f"layer_{l}"]["codebook"] = l2_normalize(
                 jax.random.normal(jax.random.fold_in(k, 2), (cfg.codebook_size, z), jnp.float32)).astype(pdt)
     return {"transformer": params, "latent": latent}
-
-
-def l2_normalize(x, eps: float = 1e-12):
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 def latent_mean(p_layer, h0):

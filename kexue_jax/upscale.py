@@ -70,8 +70,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kexue_jax.nn.activations import HOMOGENEOUS_ACTIVATIONS
 from kexue_jax.nn.attention import qk_init_variance_factor
-from kexue_jax.nn.transformer import HOMOGENEOUS_ACTIVATIONS, Transformer, TransformerConfig
+from kexue_jax.nn.transformer import Transformer, TransformerConfig
 
 GROW_MODES = ("head_dim", "num_heads")
 SYMMETRY_METHODS = ("zero_sum", "fan_out")

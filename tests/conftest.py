@@ -6,7 +6,21 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+import atexit  # noqa: E402
 import contextlib  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# A compilation cache of this test session only (a fresh folder, removed at exit: nothing carries over between
+# runs). A test that builds a computation some earlier test already compiled, in a new jit (each training.train
+# call and each job phase jits its steps anew), loads the executable instead of compiling it again: the same
+# executable XLA would build, so no result changes. KEXUE_TEST_XLA_CACHE=0 turns it off.
+if os.environ.get("KEXUE_TEST_XLA_CACHE", "1") != "0":
+    _XLA_CACHE = tempfile.mkdtemp(prefix="kexue_jax_tests_xla_cache_")
+    atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402
 

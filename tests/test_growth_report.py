@@ -67,7 +67,8 @@ def test_growth_figures_aggregate_and_print():
     agg = ux.aggregate(per_seed)
     assert agg["ceiling"]["mean"] == pytest.approx(400.0 / 275.0) and agg["ceiling"]["std"] == 0.0
     assert agg["forgetting"]["rise"]["mean"] == pytest.approx(0.4)
-    assert agg["forgetting"]["recovery_steps"] == {"mean": 15.0, "std": 0.0, "n": 1, "missing": 1}
+    assert agg["forgetting"]["recovery_steps"] == {"mean": 15.0, "std": None, "n": 1,
+                                                   "values": [per_seed[0]["forgetting"]["recovery_steps"], None]}
     table = ux.format_table(agg)
     assert "after-growth efficiency (B / A FLOPs to target)" in table and "ceiling: saving if A only" in table
     assert "forgetting: steps until back at that loss" in table

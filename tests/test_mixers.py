@@ -374,7 +374,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
     from kexue_jax.experiments import mixers as study_lib
     c = _study_config(mixers=("attention", "gmlp", "fnet"))
     study_lib.run(c, str(tmp_path))
-    r = json.loads((tmp_path / "results.json").read_text())
+    r = json.loads((tmp_path / "report.json").read_text())
     assert [(a["mixer"], a["objective"]) for a in r["arms"]] == [
         ("attention", "mlm"), ("gmlp", "mlm"), ("fnet", "mlm"), ("attention", "lm"), ("gmlp", "lm")]
     by = {(a["mixer"], a["objective"]): a for a in r["arms"]}

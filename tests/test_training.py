@@ -1,6 +1,7 @@
 """The training system: end to end, sharding vs single device vs pmap, resume, fallback, errors."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -59,6 +60,28 @@ def unigram_entropy(tokens) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    """``short(train.steps=n)`` trained once per module for n = 3 and 6 (8 devices, sharded): the reference run
+    of several tests. ``short_runs(n)`` -> (PhaseResult, its workdir); tests that go on training in a workdir
+    copy it (``_copy_run``), so the shared one is never written again."""
+    done = {}
+
+    def get(steps):
+        if steps not in done:
+            work = tmp_path_factory.mktemp(f"short_{steps}") / "run"
+            done[steps] = (training.train(short(**{"train.steps": steps}), str(work)), work)
+        return done[steps]
+
+    return get
+
+
+def _copy_run(run, dest):
+    """A private copy of a shared run's workdir (config, metrics log, checkpoints)."""
+    shutil.copytree(run[1], dest)
+    return dest
+
+
 def test_tiny_end_to_end_loss_falls(tmp_path):
     result = training.train(tiny(), str(tmp_path))
     vals = [h["val_loss"] for h in result.history]
@@ -70,29 +93,29 @@ def test_tiny_end_to_end_loss_falls(tmp_path):
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [30, 60]
 
 
-def test_one_device_equals_eight_device_mesh_and_fsdp(tmp_path):
+def test_one_device_equals_eight_device_mesh_and_fsdp(tmp_path, short_runs):
     one = training.train(short(**{"parallel.data": 1, "train.steps": 3}), str(tmp_path / "one"))
-    eight = training.train(short(**{"train.steps": 3}), str(tmp_path / "eight"))
+    eight, _ = short_runs(3)
     fsdp = training.train(short(**{"train.steps": 3, "parallel.fsdp": 4}), str(tmp_path / "fsdp"))
     assert eight.state.params["layer_0"]["ffn"]["wi"]["kernel"].sharding.mesh.size == 8
     chex.assert_trees_all_close(final_params(one), final_params(eight), atol=2e-6, rtol=2e-5)
     chex.assert_trees_all_close(final_params(fsdp), final_params(eight), atol=2e-6, rtol=2e-5)
 
 
-def test_pmap_mode_equals_sharded_mode(tmp_path):
-    sharded = training.train(short(**{"train.steps": 3}), str(tmp_path / "s"))
+def test_pmap_mode_equals_sharded_mode(tmp_path, short_runs):
+    sharded, _ = short_runs(3)
     pmapped = training.train(short(**{"train.steps": 3, "parallel.mode": "pmap"}), str(tmp_path / "p"))
     chex.assert_trees_all_close(final_params(pmapped), final_params(sharded), atol=2e-6, rtol=2e-5)
 
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path):
-    whole = training.train(short(**{"train.steps": 3}), str(tmp_path / "w"))
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, short_runs):
+    whole, _ = short_runs(3)
     accum = training.train(short(**{"train.steps": 3, "train.grad_accum": 2}), str(tmp_path / "a"))
     chex.assert_trees_all_close(final_params(accum), final_params(whole), atol=2e-6, rtol=2e-5)
 
 
-def test_killed_run_resumes_bitwise(tmp_path, capsys):
-    full = training.train(short(), str(tmp_path / "full"))
+def test_killed_run_resumes_bitwise(tmp_path, capsys, short_runs):
+    full, _ = short_runs(6)  # short() runs 6 steps
     # killed after 4 steps: the last checkpoint is step 3, step 4 is lost
     training.train(short(), str(tmp_path / "killed"), stop_after=4)
     assert ckpt_lib.Checkpointer(tmp_path / "killed" / "checkpoints").all_steps() == [3]
@@ -103,9 +126,8 @@ def test_killed_run_resumes_bitwise(tmp_path, capsys):
     chex.assert_trees_all_equal(whole_state(resumed), whole_state(full))
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys, caplog):
-    work = tmp_path / "run"
-    training.train(short(**{"train.steps": 6}), str(work))
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys, caplog, short_runs):
+    work = _copy_run(short_runs(6), tmp_path / "run")  # = training.train(short(train.steps=6), work)
     latest = work / "checkpoints" / "6"
     for f in latest.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "array_metadatas" not in str(f):
@@ -124,9 +146,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys, caplog):
     assert "resumed from step 6" in capsys.readouterr().out
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    work = tmp_path / "nan"
-    training.train(short(**{"train.steps": 3}), str(work))
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, short_runs):
+    work = _copy_run(short_runs(3), tmp_path / "nan")  # = training.train(short(train.steps=3), work)
     good = ckpt_lib.Checkpointer(work / "checkpoints").all_steps()
     (work / "config.json").unlink()  # the poisoned optimizer is a deliberate change: skip the resume check
     with pytest.raises(training.NonFiniteLoss, match="non-finite"):
@@ -199,9 +220,8 @@ def test_mlm_objective_and_alpha_residual(tmp_path):
     assert result.history[-1]["val_loss"] < floor - 0.25, (result.history[-1], floor)
 
 
-def test_resume_refuses_another_config_and_allows_more_steps(tmp_path, capsys):
-    work = tmp_path / "run"
-    training.train(short(**{"train.steps": 3}), str(work))
+def test_resume_refuses_another_config_and_allows_more_steps(tmp_path, capsys, short_runs):
+    work = _copy_run(short_runs(3), tmp_path / "run")  # = training.train(short(train.steps=3), work)
     stored = (work / "config.json").read_text()
     metrics = (work / "metrics.jsonl").read_text()
     wider = short(**{"train.steps": 3, "optim.b2": 0.95})

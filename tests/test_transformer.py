@@ -97,7 +97,7 @@ BAD_FIELDS = [
     ("mask", "prefix", ["causal", "bidirectional", "unilm", "uniae", "independent"]),
     ("token_mixer", "mlp", ["attention", "linear"]),
     ("head", "cls", ["lm", "mlm"]),
-    ("parameterization", "mup", ["standard", "ntk"]),
+    ("parameterization", "mup-ish", ["standard", "ntk", "mup"]),
     ("dtype", "int8", ["float32", "bfloat16", "float16", "float64"]),
     ("param_dtype", "fp32", ["float32", "bfloat16", "float16", "float64"]),
     ("attention_impl", "flash", ["auto", "einsum", "xla", "cudnn"]),

@@ -485,8 +485,8 @@ def test_edit_distance_and_reconstruction_metrics():
     m = job.reconstruction_metrics(src, out, PAD)
     assert m["exact_match"] == 0.5 and abs(m["byte_accuracy"] - 9 / 10) < 1e-9
     assert job.to_text(out[0]) == "abc"
-    assert job.spoken_lines([type("P", (), {"text": "HAMLET:\nTo be, or not\n\nHAMLET:\nTo be, or not\nab\n"})()],
-                            20, 3) == ["To be, or not"]
+    assert job.distinct_lines([type("P", (), {"text": "HAMLET:\nTo be, or not\n\nHAMLET:\nTo be, or not\nab\n"})()],
+                              20, 3) == ["To be, or not"]
 
 
 def test_minilm_variant_uses_wordpiece_and_matches_the_checkpoint():

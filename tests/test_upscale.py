@@ -1,4 +1,5 @@
 """Lossless width upscaling (kexue.fm/archives/8444): exactness, errata regressions, noise, Adam state."""
+import functools
 import math
 
 import chex
@@ -215,16 +216,32 @@ def _copy_gap(x, k, axis):
     return float(np.max(np.abs(xr - np.take(xr, [0], axis=axis + 1))))
 
 
-NOISE_CASES = [  # (preset, options, factor, grow): k = 2, 3, 4, both grow modes, NTK, RoPE with grow=num_heads
-    ("gpt", {}, 2, "head_dim"), ("gpt", {}, 3, "num_heads"), ("gpt", {}, 4, "head_dim"),
-    ("bert", {}, 3, "head_dim"), ("bert", {}, 2, "num_heads"),
-    ("gpt", {"parameterization": "ntk", "ffn": "gated"}, 3, "head_dim"),
-    ("gpt", {"position": "rope"}, 2, "num_heads"), ("t5", {"position": "rope"}, 4, "num_heads"),
+NTK_GATED, ROPE = {"parameterization": "ntk", "ffn": "gated"}, {"position": "rope"}
+# (preset, options, factor, grow, symmetry methods). Each method on its own covers k = 2, 3, 4, both grow modes, the
+# three presets, NTK with a gated FFN and RoPE with grow=num_heads (each noisy widening compiles: 10 of them, not
+# the 16 of every case with both methods).
+NOISE_CASES = [
+    ("gpt", {}, 2, "head_dim", ("zero_sum",)), ("gpt", {}, 3, "num_heads", ("fan_out",)),
+    ("gpt", {}, 4, "head_dim", ("zero_sum",)),
+    ("bert", {}, 3, "head_dim", ("fan_out",)), ("bert", {}, 2, "num_heads", ("zero_sum",)),
+    ("gpt", NTK_GATED, 3, "head_dim", ("zero_sum", "fan_out")),
+    ("gpt", ROPE, 2, "num_heads", ("fan_out",)), ("t5", ROPE, 4, "num_heads", ("zero_sum", "fan_out")),
 ]
+NOISE_PARAMS = [(symmetry, preset, opts, k, grow) for preset, opts, k, grow, methods in NOISE_CASES
+                for symmetry in methods]
 
 
-@pytest.mark.parametrize("symmetry", upscale.SYMMETRY_METHODS)
-@pytest.mark.parametrize("preset,opts,k,grow", NOISE_CASES)
+def test_noise_cases_cover_every_factor_grow_mode_preset_and_option_per_method():
+    assert {s for s, *_ in NOISE_PARAMS} == set(upscale.SYMMETRY_METHODS)
+    for method in upscale.SYMMETRY_METHODS:
+        cases = [c for s, *c in NOISE_PARAMS if s == method]
+        assert {k for _, _, k, _ in cases} == {2, 3, 4} and {g for *_, g in cases} == {"head_dim", "num_heads"}
+        assert {p for p, *_ in cases} == {"bert", "gpt", "t5"}
+        assert NTK_GATED in [o for _, o, _, _ in cases]
+        assert any(o == ROPE and g == "num_heads" for _, o, _, g in cases)
+
+
+@pytest.mark.parametrize("symmetry,preset,opts,k,grow", NOISE_PARAMS)
 def test_symmetry_breaking_is_exact_at_any_strength(x64, symmetry, preset, opts, k, grow):
     """0 dB (noise as large as the weights) still cancels exactly: the copies read identical inputs."""
     cfg = make_cfg(preset, **opts)
@@ -257,8 +274,8 @@ def test_noise_breaks_gradient_symmetry(x64):
     toks = tokens()
     plain, bc = upscale.widen(params, cfg, 2)
     noisy, _ = upscale.widen(params, cfg, 2, noise_db=-20.0, key=jax.random.PRNGKey(3))
-    g_plain = jax.grad(lambda p: _loss(bc, p, toks))(plain)
-    g_noisy = jax.grad(lambda p: _loss(bc, p, toks))(noisy)
+    grad = jax.jit(jax.grad(lambda p: _loss(bc, p, toks)))  # one compile for both
+    g_plain, g_noisy = grad(plain), grad(noisy)
     wi = lambda g: g["layer_0"]["ffn"]["wi"]["kernel"]  # noqa: E731  columns = FFN units (copies interleaved)
     assert _copy_gap(wi(g_plain), 2, 1) < 1e-12
     assert _copy_gap(wi(g_noisy), 2, 1) > 1e-6
@@ -290,13 +307,24 @@ def test_noise_survives_bfloat16_and_still_cancels():
         upscale.widen(params, cfg, 2, noise_db=-60.0, key=jax.random.PRNGKey(1))
 
 
-def _train(cfg, params, steps, lr=1e-2):
+@functools.lru_cache(maxsize=None)
+def _jitted_adam(cfg, lr):
+    """Adam at ``lr`` and its training step on ``_loss``, jitted once per (config, lr)."""
     tx = optax.adam(lr)
+
+    def step(params, state, toks):
+        g = jax.grad(lambda p: _loss(cfg, p, toks))(params)
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    return tx, jax.jit(step)
+
+
+def _train(cfg, params, steps, lr=1e-2):
+    tx, step = _jitted_adam(cfg, lr)
     state = tx.init(params)
     for i in range(steps):
-        g = jax.grad(lambda p: _loss(cfg, p, tokens(seed=i)))(params)
-        u, state = tx.update(g, state, params)
-        params = optax.apply_updates(params, u)
+        params, state = step(params, state, tokens(seed=i))
     return params
 
 

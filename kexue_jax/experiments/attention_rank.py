@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kexue_jax import dims
+from kexue_jax import dims, reporting
 
 NORMS = ("sphere", "free")
 
@@ -155,14 +155,13 @@ def sweep(lengths=(16, 64, 256, 512), temperatures=(1.0, 0.1), norms=("sphere", 
             "steps": steps, "learning_rate": learning_rate, "seed": seed, "curves": curves}
 
 
-def plot(result: dict, path: str) -> None:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+def plot(result: dict, path: str) -> bool:
+    """Explained fraction against head size, one panel per (norm, temperature). False without matplotlib."""
     panels = sorted({(c["norm"], c["temperature"]) for c in result["curves"]})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    fig = reporting.figure(figsize=(4.2 * len(panels), 3.8))
+    if fig is None:
+        return False
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (norm, temp) in zip(axes[0], panels):
         for i, c in enumerate(x for x in result["curves"] if (x["norm"], x["temperature"]) == (norm, temp)):
             line, = ax.semilogx(c["head_dims"], c["explained"], "o-", ms=3, label=f"L={c['length']}")
@@ -175,7 +174,7 @@ def plot(result: dict, path: str) -> None:
     fig.suptitle("fit of softmax(QK^T) to random attention; dotted: 8.33 ln L", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return True
 
 
 def main(argv=None) -> int:
@@ -197,8 +196,7 @@ def main(argv=None) -> int:
                    learning_rate=args.learning_rate, seed=args.seed, max_head_dim=args.max_head_dim)
     result["seconds"] = time.perf_counter() - t0
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "attention_rank.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    reporting.write_json_atomic(os.path.join(args.out_dir, "attention_rank.json"), result, indent=1)
     plot(result, os.path.join(args.out_dir, "attention_rank.png"))
     summary = {"summary": [{k: c[k] for k in ("length", "temperature", "norm", "d_90", "d_99", "formula_8_33_ln_L")}
                            for c in result["curves"]], "seconds": result["seconds"], "out_dir": args.out_dir}

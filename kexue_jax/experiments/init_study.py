@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 from kexue_jax import config as config_lib
+from kexue_jax import reporting
 from kexue_jax import training
 from kexue_jax.nn import Transformer, TransformerConfig, alpha_schedule
 from kexue_jax.nn import init as init_lib
@@ -378,14 +379,6 @@ def cell_path(cell_dir: str, cell: Cell, config) -> str:
 UNIGRAM_MARGIN = 0.05
 
 
-def unigram_cross_entropy(train: np.ndarray, val: np.ndarray) -> float:
-    """Cross-entropy (nats/byte) of the validation bytes under the training bytes' frequencies (add-one
-    smoothed): the loss of a model that ignores its context, where a collapsed run gets stuck."""
-    n = int(max(train.max(), val.max())) + 1
-    counts = np.bincount(train, minlength=n).astype(np.float64) + 1.0
-    return float(-np.mean(np.log(counts / counts.sum())[val]))
-
-
 def _fmt(r: dict | None) -> str:
     if r is None:
         return "-"
@@ -477,11 +470,6 @@ def tables(records: list[dict], config) -> str:
 def plot(records: list[dict], config, path: str) -> bool:
     """Validation-loss curves: one panel per depth of the residual section (lr-warmup 0 solid, the
     longest dashed), one for the attention cells and one for the no-norm arms. False without matplotlib."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("matplotlib is not installed: no plot written")
-        return False
     s, lr0 = config.study, float(config.study.lr)
     panels = [(f"depth {d}, lr {lr0:g}", [r for r in records if r["section"] in ("residual", "truncation",
                                                                                  "no_norm")
@@ -490,9 +478,9 @@ def plot(records: list[dict], config, path: str) -> bool:
     panels.append(("attention scale x head size", [r for r in records if r["section"] == "attention"]))
     panels.append(("parameterization x lr", [r for r in records if r["section"] == "param"]))
     panels = [(t, rs) for t, rs in panels if rs]
-    if not panels:
+    fig = reporting.figure(figsize=(5.5 * len(panels), 4.5), dpi=90) if panels else None
+    if fig is None:
         return False
-    fig = Figure(figsize=(5.5 * len(panels), 4.5), dpi=90)
     colors = dict(zip(RESIDUALS, ("C3", "C0", "C2", "C1", "C4", "C5")))
     for i, (title, rs) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
@@ -530,7 +518,10 @@ def run(config, workdir: str) -> dict:
     corpus = training.load_corpus(config.data)
     host_val = training.eval_host_batches(corpus, config.data, config.train.eval_batches, int(config.seed))
     val_batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in host_val]
-    unigram = unigram_cross_entropy(corpus.train, np.concatenate([b["targets"].ravel() for b in host_val]))
+    # the validation bytes' cross-entropy under the training bytes' add-one smoothed frequencies: the loss of a
+    # model that ignores its context, where a collapsed run gets stuck
+    unigram = reporting.unigram_loss(corpus.train, np.concatenate([b["targets"].ravel() for b in host_val]),
+                                     add_one=True)
     cell_dir = os.path.join(workdir, "cells")
     os.makedirs(cell_dir, exist_ok=True)
     print(f"init study: {len(cells)} cells, {config.train.steps} steps each, batch {config.data.batch_size} x "
@@ -546,9 +537,7 @@ def run(config, workdir: str) -> dict:
         if config.study.report_only:
             continue
         rec = run_cell(cell, config, corpus, val_batches)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(rec, f)
-        os.replace(path + ".tmp", path)
+        reporting.write_json_atomic(path, rec, indent=None)
         records.append(rec)
         write_reports(records, config, workdir, with_plot=False, unigram=unigram)  # a cut-short run keeps them
         print(f"[{i + 1}/{len(cells)} {time.time() - t0:.0f}s] {cell.name}: final val {rec['final_val_loss']:.4f}"
@@ -561,7 +550,7 @@ def run(config, workdir: str) -> dict:
 def write_reports(records: list[dict], config, workdir: str, *, with_plot: bool,
                   unigram: float | None = None) -> dict:
     """Write report.json (one record per run), table.md and (``with_plot``) loss_curves.png. With
-    ``unigram`` (``unigram_cross_entropy``), each record gets ``unigram_val_loss`` and ``at_unigram``."""
+    ``unigram`` (``reporting.unigram_loss``), each record gets ``unigram_val_loss`` and ``at_unigram``."""
     if unigram is not None:
         for r in records:
             r["unigram_val_loss"] = unigram
@@ -569,9 +558,7 @@ def write_reports(records: list[dict], config, workdir: str, *, with_plot: bool,
     table = tables(records, config)
     report = {"post": "kexue.fm/archives/8620", "config": config_lib.to_dict(config), "runs": records,
               "table": table}
-    with open(os.path.join(workdir, "report.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=1)
-    os.replace(os.path.join(workdir, "report.json.tmp"), os.path.join(workdir, "report.json"))
+    reporting.write_json_atomic(os.path.join(workdir, "report.json"), report, indent=1)
     with open(os.path.join(workdir, "table.md"), "w", encoding="utf-8") as f:
         f.write(table)
     if with_plot and plot(records, config, os.path.join(workdir, "loss_curves.png")):

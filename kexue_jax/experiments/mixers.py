@@ -20,7 +20,7 @@ For every mixer of ``study.mixers`` (``attention`` is the reference):
    fine-tuned from the MLM encoder and, with the same budget, from scratch; test accuracy of both.
 
 Positions: ``attention`` uses RoPE, the other mixers none (their token matrices, kernels or DFT phases carry
-position; FNet and conv run at any length). Outputs in the workdir: ``results.json``, ``table.md``,
+position; FNet and conv run at any length). Outputs in the workdir: ``report.json``, ``table.md``,
 ``mixers.png`` and one sub-directory per pre-training arm (metrics, checkpoints: a killed study resumes).
 """
 from __future__ import annotations
@@ -41,6 +41,7 @@ from kexue_jax.experiments import analytic  # GENRES, FOLIO_GENRE, spoken_lines
 from kexue_jax import config as config_lib
 from kexue_jax import data as data_lib
 from kexue_jax import flops as flops_lib
+from kexue_jax import reporting
 from kexue_jax import training
 from kexue_jax.nn import Transformer, TransformerConfig
 from kexue_jax.nn.mixers import BIDIRECTIONAL_ONLY, MIXERS
@@ -355,8 +356,7 @@ def table(results: dict) -> str:
 
 
 def _write(results: dict, workdir: str, final: bool = False) -> None:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    reporting.write_json_atomic(os.path.join(workdir, "report.json"), results, indent=1)
     with open(os.path.join(workdir, "table.md"), "w") as f:
         f.write(table(results))
     if final:
@@ -366,13 +366,10 @@ def _write(results: dict, workdir: str, final: bool = False) -> None:
 
 def plot(results: dict, out: str) -> bool:
     """Validation loss against tokens/s (both objectives) and the transfer gain per mixer."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    fig = reporting.figure(figsize=(12, 4.5))
+    if fig is None:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
     for objective, marker in (("mlm", "o"), ("lm", "s")):
         rows = [r for r in results["arms"] if r["objective"] == objective]
         speed = [r.get("tokens_per_s_interleaved") or r["tokens_per_s"] for r in rows]
@@ -397,7 +394,6 @@ def plot(results: dict, out: str) -> bool:
         axes[1].legend()
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return True
 
 
@@ -406,7 +402,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--variant", default="default", help="configs/mixers.py variant (tiny, default, gpu)")
     parser.add_argument("--speed-only", action="store_true",
-                        help="only (re)measure the interleaved tokens/s into an existing WORKDIR/results.json")
+                        help="only (re)measure the interleaved tokens/s into an existing WORKDIR/report.json "
+                        "(or the results.json of an older study)")
     args = parser.parse_args(argv)
     import importlib.util
     path = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "mixers.py")
@@ -416,7 +413,10 @@ def main(argv=None) -> int:
     config = module.get_config(args.variant)
     if args.speed_only:
         base = validate(config)
-        with open(os.path.join(args.workdir, "results.json")) as f:
+        path = os.path.join(args.workdir, "report.json")
+        if not os.path.exists(path):  # a study finished before the file was renamed from results.json
+            path = os.path.join(args.workdir, "results.json")
+        with open(path) as f:
             results = json.load(f)
         add_speed(results, config, base, results["target_params"])
         _write(results, args.workdir, final=True)

@@ -43,6 +43,7 @@ import optax
 from kexue_jax import config as config_lib
 from kexue_jax import hf
 from kexue_jax import metrics as metrics_lib
+from kexue_jax import reporting
 from kexue_jax import similarity
 from kexue_jax import training
 from kexue_jax.nn.transformer import TransformerConfig
@@ -514,7 +515,7 @@ def run(config, workdir: str) -> dict:
 
 def _write_report(workdir, report: dict) -> None:
     path = Path(workdir) / "report.json"
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    reporting.write_json_atomic(path, report, indent=2, newline=True)
     print(f"wrote {path}", flush=True)
 
 
@@ -526,14 +527,8 @@ def _cached(path: Path, fn: Callable[[], dict]) -> dict:
         return record
     path.parent.mkdir(parents=True, exist_ok=True)
     record = fn()
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    reporting.write_json_atomic(path, record, indent=2, newline=True)  # a kill mid-write leaves no half record
     return record
-
-
-def _mean_std(values: Sequence[float]) -> dict:
-    v = np.asarray(values, np.float64)
-    return {"values": [round(float(x), 3) for x in v], "mean": round(float(v.mean()), 3),
-            "std": round(float(v.std(ddof=1)), 3) if len(v) > 1 else 0.0}
 
 
 def run_study(config, workdir: str) -> dict:
@@ -553,15 +548,15 @@ def run_study(config, workdir: str) -> dict:
     losses = {}
     for loss in study.losses:
         runs = [one(f"{loss}_s{seed}", loss, config.sim.parts, seed) for seed in range(study.seeds)]
-        losses[loss] = {"test": _mean_std([r["test_spearman"] for r in runs]),
-                        "dev": _mean_std([r["dev_spearman"] for r in runs]), "runs": runs}
+        losses[loss] = {"test": reporting.seed_stats([r["test_spearman"] for r in runs]),
+                        "dev": reporting.seed_stats([r["dev_spearman"] for r in runs]), "runs": runs}
     n_ablation = study.ablation_seeds or study.seeds   # the full head at the same seeds, for a like-for-like row
-    ablation = {"+".join(config.sim.parts): _mean_std([one(f"softmax_s{seed}", "softmax", config.sim.parts, seed)
-                                                        ["test_spearman"] for seed in range(n_ablation)])}
+    full = [one(f"softmax_s{seed}", "softmax", config.sim.parts, seed)["test_spearman"] for seed in range(n_ablation)]
+    ablation = {"+".join(config.sim.parts): reporting.seed_stats(full)}
     for parts in study.ablation:
         runs = [one(f"softmax_{'+'.join(parts).replace('|u-v|', 'absdiff')}_s{seed}", "softmax", parts, seed)
                 for seed in range(n_ablation)]
-        ablation["+".join(parts)] = _mean_std([r["test_spearman"] for r in runs])
+        ablation["+".join(parts)] = reporting.seed_stats([r["test_spearman"] for r in runs])
 
     teacher_run = losses[study.teacher_loss]["runs"][0]
     teacher = hf.load_bert(teacher_run["model_dir"], head="none")
@@ -614,8 +609,6 @@ def study_tables(report: dict) -> str:
 
 def probe_table(pairs, columns: dict[str, Sequence[float]]) -> str:
     """Markdown table: one row per probe pair, one column of cosines per model."""
-    head = "| sentence 1 | sentence 2 | " + " | ".join(columns) + " |"
-    rows = [head, "|" + "---|" * (2 + len(columns))]
-    for i, (a, b) in enumerate(pairs):
-        rows.append(f"| {a} | {b} | " + " | ".join(f"{col[i]:.3f}" for col in columns.values()) + " |")
-    return "\n".join(rows) + "\n"
+    return reporting.markdown_table(["sentence 1", "sentence 2", *columns],
+                                    [[a, b, *(f"{col[i]:.3f}" for col in columns.values())]
+                                     for i, (a, b) in enumerate(pairs)])

@@ -49,6 +49,7 @@ from kexue_jax import checkpoint as ckpt_lib
 from kexue_jax import config as config_lib
 from kexue_jax import data as data_lib
 from kexue_jax import metrics as metrics_lib
+from kexue_jax import reporting
 from kexue_jax import training
 from kexue_jax import univae as U
 
@@ -58,7 +59,7 @@ _SPEAKER_LINE = re.compile(r"^[^\s:][^:]*:$")
 # ------------------------------------------------------------------------------------------------
 # Data.
 
-def spoken_lines(plays, max_bytes: int, min_bytes: int = 1) -> list[str]:
+def distinct_lines(plays, max_bytes: int, min_bytes: int = 1) -> list[str]:
     """Distinct spoken lines (speaker-name lines ``NAME:`` dropped) of min_bytes..max_bytes UTF-8 bytes,
     in corpus order."""
     seen, out = set(), []
@@ -137,7 +138,7 @@ def load_lines(c) -> tuple[list[str], list[str]]:
         raise config_lib.ConfigError(message) from None
     train, val = data_lib.split_documents(plays, c.data.val_fraction, c.data.split_seed)
     mx = c.univae.src_len - 2
-    tr, va = spoken_lines(train, mx, c.data.min_bytes), spoken_lines(val, mx, c.data.min_bytes)
+    tr, va = distinct_lines(train, mx, c.data.min_bytes), distinct_lines(val, mx, c.data.min_bytes)
     if len(tr) < c.data.batch_size or len(va) < 10:
         source = repr(c.data.path) if c.data.path else "the embedded corpus"
         raise config_lib.ConfigError(
@@ -507,8 +508,7 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
             lines_md += [f"- `{held[i]}` ->"] + [f"  - `{to_text(o[i], vocab)}`" for o in outs]
     with open(os.path.join(workdir, "samples.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines_md) + "\n")
-    with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    reporting.write_json_atomic(os.path.join(workdir, "report.json"), report, indent=2)
     return report
 
 

@@ -69,7 +69,7 @@ import optax
 from kexue_jax import config as config_lib
 from kexue_jax import flops as flops_lib
 from kexue_jax import metrics as metrics_lib
-from kexue_jax import parallel, training, upscale
+from kexue_jax import parallel, reporting, training, upscale
 from kexue_jax.nn import Transformer
 
 GROW_MODES = upscale.GROW_MODES
@@ -442,13 +442,6 @@ def growth_figures(upscaled: list[dict], scratch: list[dict], *, widen_step: int
             "ceiling": ceiling(upscaled, scratch, **kw), "forgetting": forgetting(upscaled, **kw)}
 
 
-def unigram_entropy(tokens: np.ndarray) -> float:
-    """Entropy (nats/token) of the token frequencies: the loss of a model that ignores context."""
-    counts = np.bincount(np.asarray(tokens).ravel().astype(np.int64))
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 # ------------------------------------------------------------------------------------------------
 # Widening inside the mesh.
 
@@ -819,38 +812,35 @@ def run_seed_wsd(config, workdir: str, corpus, mesh, small_cfg) -> dict:
 # ------------------------------------------------------------------------------------------------
 # The job.
 
-def _mean_std(values: list) -> dict | None:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return None
-    a = np.asarray(vals, np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(vals),
-            "missing": len(values) - len(vals)}
-
-
 def aggregate(per_seed: list[dict]) -> dict:
-    """Mean +/- std (sample std, ddof 1) of every scalar figure over seeds; the saving curve per target index, the
-    WSD points per budget, forgetting per field."""
+    """``reporting.seed_stats`` (mean, sample std, n reached, per-seed values) of every scalar figure over seeds;
+    the saving curve per target index, the WSD points per budget, forgetting per field."""
     out = {"seeds": [r["seed"] for r in per_seed], "per_seed": per_seed}
     for key in SCALAR_KEYS:
-        out[key] = _mean_std([r.get(key) for r in per_seed])
+        out[key] = _seed_stats([r.get(key) for r in per_seed])
     curves = [r["saving_curve"] for r in per_seed if r.get("saving_curve")]
     if curves:
-        out["saving_curve"] = _mean_std_rows(curves, ("target", "saving", "saving_given_small"))
+        out["saving_curve"] = _seed_stats_rows(curves, ("target", "saving", "saving_given_small"))
     points = [r["wsd_points"] for r in per_seed if r.get("wsd_points")]
     if points:
-        rows = _mean_std_rows(points, ("loss_upscaled", "loss_scratch", "flops_upscaled", "flops_scratch"))
+        rows = _seed_stats_rows(points, ("loss_upscaled", "loss_scratch", "flops_upscaled", "flops_scratch"))
         out["wsd_points"] = [{"budget": p["budget"], **row} for p, row in zip(points[0], rows)]
     found = [r["forgetting"] for r in per_seed if r.get("forgetting")]
     if found:
-        out["forgetting"] = {k: _mean_std([f[k] for f in found]) for k in ("rise", "recovery_steps")}
+        out["forgetting"] = {k: _seed_stats([f[k] for f in found]) for k in ("rise", "recovery_steps")}
     out["cap_hit"] = [r.get("cap_hit") for r in per_seed]
     return out
 
 
-def _mean_std_rows(rows: list[list[dict]], fields: tuple) -> list[dict]:
-    """Per row index (up to the shortest list), mean +/- std over seeds of each of ``fields``."""
-    return [{f: _mean_std([r[i][f] for r in rows]) for f in fields} for i in range(min(len(r) for r in rows))]
+def _seed_stats(values: list) -> dict | None:
+    """``reporting.seed_stats`` of a figure over seeds; None where no seed has it (e.g. an arm that did not run)."""
+    stats = reporting.seed_stats(values)
+    return stats if stats["n"] else None
+
+
+def _seed_stats_rows(rows: list[list[dict]], fields: tuple) -> list[dict]:
+    """Per row index (up to the shortest list), ``_seed_stats`` over seeds of each of ``fields``."""
+    return [{f: _seed_stats([r[i][f] for r in rows]) for f in fields} for i in range(min(len(r) for r in rows))]
 
 
 def run(config, workdir: str) -> dict:
@@ -859,7 +849,7 @@ def run(config, workdir: str) -> dict:
     u = config.upscale
     big_cfg = grown_config(small_cfg, u)
     corpus = training.load_corpus(config.data)
-    unigram = unigram_entropy(corpus.val)
+    unigram = reporting.unigram_loss(corpus.val)
     seeds = list(u.seeds) or [int(config.seed)]
     say = training.say
     say(f"small: d_model {small_cfg.d_model}, heads {small_cfg.num_heads} x {small_cfg.head_dim}, d_ff "
@@ -885,8 +875,7 @@ def run(config, workdir: str) -> dict:
     report.update(per_seed[0] if len(seeds) == 1 else aggregate(per_seed))
     report["seeds"] = seeds
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "report.json"), "w") as f:
-            json.dump(report, f, indent=2)
+        reporting.write_json_atomic(os.path.join(workdir, "report.json"), report, indent=2)
         if config.train.plot:
             _plot(os.path.join(workdir, "compute.png"), per_seed, unigram)
         print(format_table(report), flush=True)
@@ -894,14 +883,10 @@ def run(config, workdir: str) -> dict:
 
 
 def _plot(path: str, per_seed: list[dict], unigram: float) -> bool:
-    try:
-        import matplotlib  # noqa: PLC0415 (optional)
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:
-        print("matplotlib is not installed: skipping compute.png")
+    fig = reporting.figure(figsize=(11, 4.2))
+    if fig is None:
         return False
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax, ax2 = fig.subplots(1, 2)
     colors = {"upscaled (A)": "C0", "scratch (B)": "C1"}
     later = []
     for i, rep in enumerate(per_seed):
@@ -942,7 +927,6 @@ def _plot(path: str, per_seed: list[dict], unigram: float) -> bool:
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return True
 
 
@@ -978,9 +962,12 @@ def format_table(report: dict) -> str:
     def fmt(v, missing="not reached"):
         if v is None:
             return missing
-        if isinstance(v, dict):
-            tail = f" (n={v['n']}, {v['missing']} not reached)" if v.get("missing") else f" (n={v['n']})"
-            return f"{fmt(v['mean'])} ± {v['std']:.2g}" + tail
+        if isinstance(v, dict):  # reporting.seed_stats
+            if v["mean"] is None:
+                return missing
+            lost = len(v["values"]) - v["n"]
+            tail = f" (n={v['n']}, {lost} not reached)" if lost else f" (n={v['n']})"
+            return fmt(v["mean"]) + ("" if v["std"] is None else f" ± {v['std']:.2g}") + tail
         if isinstance(v, float):
             return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
         return str(v)
@@ -1029,7 +1016,7 @@ def format_table(report: dict) -> str:
 
 
 __all__ = ["run", "run_seed", "validate", "compute_saving", "flops_to_reach", "loss_at_flops", "saving_targets",
-           "unigram_entropy", "aggregate", "format_table", "grow_state", "logit_gap", "big_phase_schedule",
+           "aggregate", "format_table", "grow_state", "logit_gap", "big_phase_schedule",
            "big_phase_optimizer", "growth_figures", "equivalent_step", "head_start_flops", "after_growth_efficiency",
            "ceiling", "forgetting", "family_saving", "step_to_reach", "small_phase_config", "small_phase_dir",
            "check_small_phase", "run_wsd_arm", "wsd_budget_steps", "wsd_decay_starts", "GROW_MODES", "SCHEDULES",

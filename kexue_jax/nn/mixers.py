@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kexue_jax.nn import init as initializers
+from kexue_jax.nn.activations import ACTIVATIONS
 from kexue_jax.nn.attention import Dense, dot_product_attention, rope
 from kexue_jax.nn.norms import make_norm
 
@@ -230,8 +231,6 @@ def token_mlp_dim(cfg) -> int:
 
 def _activation(cfg):
     """The model's activation (``cfg.activation``; GELU in MLP-Mixer and gMLP)."""
-    from kexue_jax.nn.transformer import ACTIVATIONS  # noqa: PLC0415 (transformer imports this module)
-
     return ACTIVATIONS[cfg.activation]
 
 

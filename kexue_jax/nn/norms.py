@@ -37,6 +37,11 @@ NORM_FREE_RESIDUALS = ("alpha", "rezero")
 NORMS = ("layernorm", "rmsnorm")
 
 
+def l2_normalize(x, eps: float = 1e-12):
+    """x / max(||x||_2, eps) over the last axis (torch.nn.functional.normalize)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with eps; statistics in float32 (or float64) whatever the compute dtype.
 

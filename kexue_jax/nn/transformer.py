@@ -38,20 +38,12 @@ import jax.numpy as jnp
 
 from kexue_jax.nn import init as initializers
 from kexue_jax.nn import masks as masks_lib
+from kexue_jax.nn.activations import ACTIVATIONS, HOMOGENEOUS_ACTIVATIONS  # noqa: F401 (re-exported)
 from kexue_jax.nn.attention import ATTN_SCALES, IMPLEMENTATIONS, Dense, MultiHeadAttention
 from kexue_jax.nn import mixers as mixers_lib
 from kexue_jax.nn.norms import (NORM_FREE_RESIDUALS, NORMS, RESIDUALS, deepnorm_alpha, deepnorm_beta, make_norm,
                                  residual)
 
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "linear": lambda x: x,
-}
-#: activations with f(c x) = c f(x) for c > 0, where the post's plain rule widens an FFN exactly.
-HOMOGENEOUS_ACTIVATIONS = ("relu", "linear")
 FFNS = ("plain", "gated")
 POSITIONS = ("learned", "rope", "relative", "none")
 HEADS = ("lm", "mlm", "none")

@@ -209,6 +209,12 @@ def _loss(cfg, params, toks):
     return -jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
 
+@functools.lru_cache(maxsize=None)
+def _loss_grad(cfg):
+    """jax.grad of ``_loss`` in (params, tokens), jitted once per config."""
+    return jax.jit(jax.grad(lambda p, toks: _loss(cfg, p, toks)))
+
+
 def _copy_gap(x, k, axis):
     """max |copy r - copy 0| of an interleaved axis."""
     n = x.shape[axis] // k
@@ -258,7 +264,7 @@ def test_symmetry_breaking_is_exact_at_any_strength(x64, symmetry, preset, opts,
 @pytest.mark.parametrize("noise_db", [-20.0, -10.0, 0.0])
 def test_noise_strength_is_the_stated_snr(symmetry, noise_db):
     """std(noise) / RMS(weights) = 10^(dB/20), measured on a 512 x 2048 kernel (sampling error < 1%)."""
-    cfg = make_cfg("gpt", dtype="float32", d_model=256, d_ff=1024, num_heads=4, head_dim=64)
+    cfg = make_cfg("gpt", dtype="float32", d_model=256, d_ff=1024, num_heads=4, head_dim=64, num_layers=1)
     params = random_params(cfg)
     plain, _ = upscale.widen(params, cfg, 2)
     noisy, _ = upscale.widen(params, cfg, 2, noise_db=noise_db, symmetry=symmetry, key=jax.random.PRNGKey(0))
@@ -274,8 +280,7 @@ def test_noise_breaks_gradient_symmetry(x64):
     toks = tokens()
     plain, bc = upscale.widen(params, cfg, 2)
     noisy, _ = upscale.widen(params, cfg, 2, noise_db=-20.0, key=jax.random.PRNGKey(3))
-    grad = jax.jit(jax.grad(lambda p: _loss(bc, p, toks)))  # one compile for both
-    g_plain, g_noisy = grad(plain), grad(noisy)
+    g_plain, g_noisy = _loss_grad(bc)(plain, toks), _loss_grad(bc)(noisy, toks)
     wi = lambda g: g["layer_0"]["ffn"]["wi"]["kernel"]  # noqa: E731  columns = FFN units (copies interleaved)
     assert _copy_gap(wi(g_plain), 2, 1) < 1e-12
     assert _copy_gap(wi(g_noisy), 2, 1) > 1e-6
@@ -367,7 +372,7 @@ def test_copies_drift_apart_with_noise_and_training(x64):
 # ---------------------------------------------------------------------------------------------- optimizer
 
 def _adam_step(cfg, tx, params, state, toks):
-    g = jax.grad(lambda p: _loss(cfg, p, toks))(params)
+    g = _loss_grad(cfg)(params, toks)
     u, state = tx.update(g, state, params)
     return optax.apply_updates(params, u), state
 

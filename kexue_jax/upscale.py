@@ -148,12 +148,12 @@ def widen_config(cfg: TransformerConfig, factor: int, *, grow: str = "head_dim",
         raise ValueError(f"widen: residual={cfg.residual!r} has no widening rule yet (ReZero's trainable scalar "
                          f"and DeepNorm's init gains are not mapped); use residual 'post', 'pre', 'alpha' or "
                          f"'alpha_post'")
-    s2 = hidden_scale(cfg, k) ** 2
+    k_eps = 1 if cfg.parameterization == "mup" else k  # 1 / s^2, exactly (eps / k, not eps x 0.5000000000000001)
     head_eps = cfg.norm_eps if cfg.head_norm_eps is None else cfg.head_norm_eps
     if _ffn_rule(cfg, rules) == "plain":
-        head_eps = head_eps * s2
+        head_eps = head_eps / k_eps
     return cfg.replace(
-        d_model=cfg.d_model * k, d_ff=cfg.d_ff * k, norm_eps=cfg.norm_eps * s2,
+        d_model=cfg.d_model * k, d_ff=cfg.d_ff * k, norm_eps=cfg.norm_eps / k_eps,
         head_norm_eps=head_eps if cfg.head == "mlm" else cfg.head_norm_eps,
         num_heads=cfg.num_heads * (k if grow == "num_heads" else 1),
         head_dim=cfg.head_dim * (k if grow == "head_dim" else 1), **_mixer_config_changes(cfg, k),

@@ -1,7 +1,13 @@
-"""Test configuration: simulate 8 CPU devices before anything touches jax, and use fp64 where asked."""
+"""Test configuration: simulate 8 CPU devices before anything touches jax, compile fast, and use fp64 where asked."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "")
+# Most of the suite's time is XLA compiling many small configurations: at LLVM -O0 that costs about 35% less CPU
+# time (measured on the training, UniVAE and init-study tests, which also run slightly faster: tiny models). The
+# HLO passes are the same; results agree within every tolerance here. KEXUE_TEST_XLA_O0=0 keeps XLA's default.
+_flags = os.environ["XLA_FLAGS"]
+if os.environ.get("KEXUE_TEST_XLA_O0", "1") != "0" and "xla_backend_optimization_level" not in _flags:
+    os.environ["XLA_FLAGS"] = (_flags + " --xla_backend_optimization_level=0").strip()
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

@@ -395,7 +395,7 @@ def test_inject_overwrites_position_0_and_reaches_the_target_under_uniae():
 def test_module_constants():
     assert transformer.FFNS == ("plain", "gated")
     assert transformer.POSITIONS == ("learned", "rope", "relative", "none")
-    assert transformer.PARAMETERIZATIONS == ("standard", "ntk")
+    assert transformer.PARAMETERIZATIONS == ("standard", "ntk", "mup")
 
 
 def test_option_combination_runs():

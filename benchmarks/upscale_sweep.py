@@ -140,7 +140,8 @@ def run_one(spec: dict) -> dict:
     keep = ("final_loss_upscaled", "final_loss_scratch", "flops_scratch_total", "flops_upscaled_total",
             "max_abs_logit_diff", "loss_before_widen", "loss_after_widen", "widen_flops", "unigram_entropy",
             "copy_cosine", "curves", "big_steps_run", "target_loss", "compute_saving", "compute_saving_given_small",
-            "loss_gap_at_equal_flops", "cap_hit")
+            "loss_gap_at_equal_flops", "cap_hit", "family_saving", "equivalent_step", "head_start_flops",
+            "after_growth_efficiency", "ceiling", "forgetting", "small_phase")
     return {**spec, **{k: rep.get(k) for k in keep}, "seconds": round(time.time() - t0, 1)}
 
 
@@ -211,8 +212,10 @@ def plan(workdir: str, scale: str) -> list[dict]:
     return runs
 
 
-def execute(runs: list[dict], workdir: str, workers: int, deadline: float) -> list[dict]:
-    """Run what is not done yet, ``workers`` at a time; rows are saved as they finish."""
+def execute(runs: list[dict], workdir: str, workers: int, deadline: float, fn=None) -> list[dict]:
+    """Run what is not done yet, ``workers`` at a time, each through ``fn(spec) -> row`` (default :func:`run_one`,
+    a picklable module-level function); rows are saved as they finish."""
+    fn = run_one if fn is None else fn
     path = os.path.join(workdir, "sweep.json")
     rows = []
     if os.path.exists(path):
@@ -228,7 +231,7 @@ def execute(runs: list[dict], workdir: str, workers: int, deadline: float) -> li
     if todo:
         pool = cf.ProcessPoolExecutor(max_workers=max(1, min(workers, len(todo))), mp_context=mp.get_context("spawn"),
                                       max_tasks_per_child=1)
-        futures = {pool.submit(run_one, r): r for r in todo}
+        futures = {pool.submit(fn, r): r for r in todo}
         try:
             for fut in cf.as_completed(futures, timeout=deadline if deadline > 0 else None):
                 row = fut.result()

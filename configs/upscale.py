@@ -15,6 +15,13 @@ Variants (``--config=configs/upscale.py:VARIANT``):
            ``benchmarks/upscale_sweep.py`` (WORKSPACE.md);
   mlm      the same model on the MLM objective (bidirectional, 15% masking), learning rate 1.5e-3 (the best
            of {1.5e-3, 3e-3, 6e-3} for arm B on MLM; 6e-3 stays at the unigram entropy under Post-LN);
+  released the case that pays: a small model trained to the end of its own run exists (as a released checkpoint),
+           as HyperCloning / LiGO / bert2BERT start: the default's d 64 model trained 1500 steps at its own best
+           rate (6e-3, of 3e-3 / 6e-3 / 1.2e-2), widened x2 (-10 dB zero-sum), then the big model restarted
+           over 750 steps at B's best rate (3e-3) with no warmup and a cosine decay (the best of
+           benchmarks/released_sweep.py's grid at reduced size, WORKSPACE.md), until it reaches B's final loss;
+           headline: compute_saving_given_small (the small model's FLOPs are not counted; compute_saving and
+           family_saving count them);
   tiny     < 60 s, for tests (BERT-style, MLM);
   gpt      the GPT preset (Pre-LN, tied LM head) on next-byte prediction, same sizes as the default (the
            preset that can also grow depth: ``--config.upscale.depth_factor=2``);
@@ -48,6 +55,8 @@ The ``upscale`` fields (every one is a ``--config.upscale.FIELD=`` override):
   arms                   ("upscaled", "scratch") or one of them;
   big_lr                 the big phase's peak learning rate on every tensor, None = optim.lr x lr_multiplier (set:
                          lr_multiplier is not used);
+  big_warmup, big_schedule  the big phase's warmup steps (None = optim.warmup_steps; 0 = none) and decay shape
+                         (None = optim.schedule; e.g. "wsd"), for a schedule that starts afresh ("restart", "rewind");
   scenario               "grow_during" (the default: the small phase is the first widen_at steps of B's schedule)
                          or "released" (a small model trained to the end first, as a released checkpoint):
     small_lr, small_steps  the released small model's own run: peak rate (None = optim.lr) and length (None =
@@ -79,13 +88,13 @@ def get_config(arg: str | None = None):
         schedule="rewind", big_steps=ph(int), lr_multiplier=ph(float), lr_tensors="all",
         cap=2.0, seeds=(), baseline=ph(str), lossless_atol=1e-5,
         arms=("upscaled", "scratch"),
-        scenario="grow_during", small_lr=ph(float), small_steps=ph(int), small_cache=ph(str), big_lr=ph(float),
+        scenario="grow_during", small_lr=ph(float), small_steps=ph(int), small_cache=ph(str), big_lr=ph(float), big_warmup=ph(int), big_schedule=ph(str),
         protocol="to_target", wsd_budgets=ph(tuple)))
-    if variant in ("default", "mlm", "gpt"):
+    if variant in ("default", "mlm", "gpt", "released"):
         preset = "gpt" if variant == "gpt" else "bert"
         objective = "mlm" if variant == "mlm" else "lm"
         c.model = model_section(preset, num_layers=4, d_model=64, num_heads=4, head_dim=16, d_ff=256, max_len=128)
-        if variant == "default":
+        if variant in ("default", "released"):
             c.model.mask = "causal"
         c.data.update(seq_len=128, batch_size=16, objective=objective)
         c.optim.update(lr=3e-3, warmup_steps=100, schedule="cosine", min_lr_ratio=0.1)
@@ -93,6 +102,9 @@ def get_config(arg: str | None = None):
         c.upscale.update(widen_at=250, noise_db=-10.0)
         if variant == "mlm":
             c.optim.lr = 1.5e-3
+        if variant == "released":
+            c.upscale.update(scenario="released", small_lr=6e-3, schedule="restart", big_steps=750, big_lr=3e-3,
+                             big_warmup=0)
     elif variant == "tiny":
         c.model = model_section("bert", num_layers=2, d_model=32, num_heads=2, head_dim=16, d_ff=128, max_len=64)
         c.data.update(seq_len=64, batch_size=16, objective="mlm")
@@ -119,6 +131,6 @@ def get_config(arg: str | None = None):
         c.train.update(steps=2400, log_every=200, eval_every=100, eval_batches=8, checkpoint_every=1200)
         c.upscale.update(widen_at=400, grow="num_heads", noise_db=-10.0, lossless_atol=2e-2)
     else:
-        raise ValueError(f"configs/upscale.py variant must be one of ('default', 'mlm', 'tiny', 'gpt', 'pod', "
-                         f"'gpu'), got {variant!r}")
+        raise ValueError(f"configs/upscale.py variant must be one of ('default', 'released', 'mlm', 'tiny', 'gpt', "
+                         f"'pod', 'gpu'), got {variant!r}")
     return c

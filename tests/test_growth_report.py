@@ -1,6 +1,7 @@
 """Issue 22: the main job's growth figures, the released-checkpoint scenario and its cached small phase,
 warmup-stable-decay schedules and the WSD protocol."""
 import json
+import math
 import shutil
 
 import ml_collections
@@ -127,7 +128,8 @@ def test_wsd_config_errors(field, value, message):
 def test_a_job_stored_before_the_new_fields_resumes():
     c = upscale_config.get_config("default")
     stored = config_lib.to_dict(c)
-    for field in ("scenario", "small_lr", "small_steps", "small_cache", "big_lr", "protocol", "wsd_budgets"):
+    for field in ("scenario", "small_lr", "small_steps", "small_cache", "big_lr", "big_warmup", "big_schedule",
+                  "protocol", "wsd_budgets"):
         del stored["upscale"][field]
     del stored["optim"]["decay_fraction"], stored["optim"]["decay_shape"]
     assert config_lib.config_changes(stored, c) == []   # None, or the value that does what the code did before
@@ -135,6 +137,32 @@ def test_a_job_stored_before_the_new_fields_resumes():
     assert config_lib.config_changes(stored, c) == ["upscale.scenario: '(absent)' -> 'released'"]
     ident = config_lib.identity(c)
     assert ident["upscale.scenario"] == "released" and "upscale.protocol" not in ident and "train.steps" not in ident
+
+
+@pytest.mark.parametrize("warmup,shape", [(None, None), (0, None), (4, "wsd"), (0, "linear")])
+def test_big_phase_warmup_and_shape_against_their_formula(warmup, shape):
+    """The released big phase's rate at global step t = s + tau (s = 30, the small phase's end): peak big_lr,
+    a linear warmup over W = big_warmup (optim.warmup_steps = 5 when None; none at 0), then the decay of
+    big_schedule (optim.schedule "cosine" when None) over big_steps = 20 to min_lr_ratio x peak."""
+    c = upscale_config.get_config("tiny")
+    c.upscale.update(scenario="released", small_steps=30, schedule="restart", big_steps=20, big_lr=1e-3,
+                     big_warmup=warmup, big_schedule=shape)
+    c.optim.update(min_lr_ratio=0.1, decay_fraction=0.25)
+    ux.check_scenario(c)
+    sched = ux.big_phase_schedule(c)
+    w, peak, total, r = (5 if warmup is None else warmup), 1e-3, 20, 0.1
+
+    def expected(tau):
+        if tau < w:
+            return peak * tau / w
+        x = (tau - w) / (total - w)
+        if shape == "wsd":   # constant, then a linear decay over the last 0.25 x 20 = 5 steps
+            return peak * (1 - (1 - r) * min(max((tau - 15) / 5, 0.0), 1.0))
+        if shape == "linear":
+            return peak * (1 - (1 - r) * min(x, 1.0))
+        return peak * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(x, 1.0))))
+    got = [float(sched(30 + tau)) for tau in range(0, 24)]
+    np.testing.assert_allclose(got, [expected(tau) for tau in range(0, 24)], rtol=1e-5, atol=1e-12)
 
 
 def test_wsd_budgets_in_steps():
@@ -159,6 +187,10 @@ def test_wsd_budgets_in_steps():
     ({"scenario": "released", "small_lr": -1.0}, r"config.upscale.small_lr must be None \(optim.lr\) or a number"),
     ({"scenario": "released", "small_steps": 3}, "config.upscale.small_steps=3 must be >= optim.warmup_steps=5"),
     ({"big_lr": 0.0}, r"config.upscale.big_lr must be None \(optim.lr x lr_multiplier\) or a number > 0"),
+    ({"big_warmup": -1}, r"config.upscale.big_warmup must be None \(optim.warmup_steps\) or an integer >= 0"),
+    ({"big_schedule": "step"}, r"config.upscale.big_schedule must be None \(optim.schedule\) or one of"),
+    ({"big_warmup": 0, "schedule": "continue"}, "shape a schedule that starts afresh after widening"),
+    ({"big_warmup": 20, "schedule": "restart", "big_steps": 10}, "big_warmup=20 must be <= the big phase's planned"),
     ({"protocol": "budget"}, r"config.upscale.protocol must be one of \('to_target', 'wsd'\)"),
     ({"wsd_budgets": (0.5, 1.0)}, "config.upscale.wsd_budgets is used with upscale.protocol='wsd' only"),
     ({"protocol": "wsd"}, "config.optim.schedule must be 'wsd' with upscale.protocol='wsd', got 'cosine'"),
@@ -308,3 +340,16 @@ def test_wsd_protocol_tiny_cools_down_both_arms_at_each_budget(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "cooled to 8] resumed from step 8" in out and "] step " not in out
     assert again["cooled"] == report["cooled"]
+
+
+def test_released_variant_restarts_at_b_rate_without_warmup():
+    """``configs/upscale.py:released``: the default's models; the small model's own 1500-step run at 6e-3, widened
+    at its end; the big phase at 3e-3 from its first step (no warmup), cosine to 10% over 750 steps."""
+    c = upscale_config.get_config("released")
+    d = upscale_config.get_config("default")
+    assert config_lib.to_dict(c.model) == config_lib.to_dict(d.model) and c.train.steps == d.train.steps == 1500
+    ux.check_scenario(c)
+    assert ux.widen_step(c) == 1500 and ux.small_lr(c) == 6e-3 and ux.big_phase_steps(c) == 750
+    sched = ux.big_phase_schedule(c)
+    np.testing.assert_allclose([float(sched(1500 + t)) for t in (0, 375, 750, 900)],
+                               [3e-3, 3e-3 * (0.1 + 0.9 * 0.5), 3e-4, 3e-4], rtol=1e-5)

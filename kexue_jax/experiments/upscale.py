@@ -155,6 +155,7 @@ def check_scenario(config) -> None:
     if u.scenario not in SCENARIOS:
         raise ValueError(f"config.upscale.scenario must be one of {SCENARIOS}, got {u.scenario!r}")
     _none_or_positive(u, "big_lr", (int, float), "optim.lr x lr_multiplier")
+    check_big_schedule(config)
     if u.scenario == "grow_during":
         for field in ("small_lr", "small_steps", "small_cache"):
             if u[field] is not None:
@@ -173,6 +174,26 @@ def check_scenario(config) -> None:
     if config.optim.warmup_steps > small_steps(config):
         raise ValueError(f"config.upscale.small_steps={small_steps(config)} must be >= optim.warmup_steps="
                          f"{config.optim.warmup_steps} (the released small model warms up within its own run)")
+
+
+def check_big_schedule(config) -> None:
+    """``upscale.big_warmup`` (None or an integer >= 0, at most the big phase's planned length) and
+    ``upscale.big_schedule`` (None or one of config.SCHEDULES); they shape a schedule that starts afresh after
+    widening, so "continue" refuses them. Raises ValueError naming the field."""
+    u = config.upscale
+    w, shape = u.big_warmup, u.big_schedule
+    if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+        raise ValueError(f"config.upscale.big_warmup must be None (optim.warmup_steps) or an integer >= 0, got {w!r}")
+    if shape is not None and shape not in config_lib.SCHEDULES:
+        raise ValueError(f"config.upscale.big_schedule must be None (optim.schedule) or one of "
+                         f"{config_lib.SCHEDULES}, got {shape!r}")
+    if (w is not None or shape is not None) and u.schedule == "continue":
+        raise ValueError("config.upscale.big_warmup / big_schedule shape a schedule that starts afresh after "
+                         "widening; set upscale.schedule to 'restart' or 'rewind' (or leave both None), got "
+                         "schedule 'continue'")
+    if w is not None and u.schedule == "restart" and w > big_phase_steps(config):
+        raise ValueError(f"config.upscale.big_warmup={w} must be <= the big phase's planned length "
+                         f"upscale.big_steps={big_phase_steps(config)}")
 
 
 def check_protocol(config) -> None:
@@ -511,12 +532,19 @@ def _optim_with(optim, **fields) -> ml_collections.ConfigDict:
 
 
 def big_phase_rate(config) -> tuple[ml_collections.ConfigDict, float]:
-    """(the optimizer section at the big phase's peak rate, the multiplier on top of it): (optim with lr =
-    upscale.big_lr, 1) when big_lr is set, else (optim, ``lr_multiplier(config)``), i.e. optim.lr x the multiplier."""
+    """(the optimizer section of the big phase, the multiplier on top of its rate): the peak rate is
+    upscale.big_lr (multiplier 1) when set, else optim.lr x ``lr_multiplier(config)``; the warmup is
+    upscale.big_warmup (None = optim.warmup_steps; 0 = none) and the shape upscale.big_schedule (None =
+    optim.schedule), both applied where the big phase's schedule starts afresh ("restart", "rewind")."""
     u = config.upscale
+    fields = {}
+    if u.big_warmup is not None:
+        fields["warmup_steps"] = int(u.big_warmup)
+    if u.big_schedule is not None:
+        fields["schedule"] = u.big_schedule
     if u.big_lr is not None:
-        return _optim_with(config.optim, lr=float(u.big_lr)), 1.0
-    return config.optim, lr_multiplier(config)
+        return _optim_with(config.optim, lr=float(u.big_lr), **fields), 1.0
+    return (_optim_with(config.optim, **fields) if fields else config.optim), lr_multiplier(config)
 
 
 def lr_multiplier(config) -> float:
@@ -1019,5 +1047,5 @@ __all__ = ["run", "run_seed", "validate", "compute_saving", "flops_to_reach", "l
            "aggregate", "format_table", "grow_state", "logit_gap", "big_phase_schedule",
            "big_phase_optimizer", "growth_figures", "equivalent_step", "head_start_flops", "after_growth_efficiency",
            "ceiling", "forgetting", "family_saving", "step_to_reach", "small_phase_config", "small_phase_dir",
-           "check_small_phase", "run_wsd_arm", "wsd_budget_steps", "wsd_decay_starts", "GROW_MODES", "SCHEDULES",
-           "SCENARIOS", "PROTOCOLS"]
+           "check_small_phase", "check_big_schedule", "run_wsd_arm", "wsd_budget_steps", "wsd_decay_starts",
+           "GROW_MODES", "SCHEDULES", "SCENARIOS", "PROTOCOLS"]

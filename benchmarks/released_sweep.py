@@ -1,4 +1,4 @@
-"""The released-checkpoint case of growth (kexue.fm/archives/8444; issue 22): a small model trained to the end
+"""The released-checkpoint case of growth (kexue.fm/archives/8444): a small model trained to the end
 of its own run exists; widen it and train the big model; how many of the big model's FLOPs does that save?
 
     python benchmarks/released_sweep.py --workdir runs/released_reduced --scale reduced [--workers 1]

@@ -141,7 +141,7 @@ def _scale_numbers(scale: str) -> tuple[int, int]:
     return int(c.train.steps), int(c.optim.warmup_steps)
 
 
-def baseline_dir(args, rows_by: dict, b_lr: float, seed: int) -> str:
+def baseline_dir(args, b_lr: float, seed: int) -> str:
     """Arm B at its best rate and ``seed``: ``--baselines`` (a pattern with {seed}) or this sweep's own B run."""
     if args.baselines:
         return args.baselines.format(seed=seed)
@@ -156,10 +156,10 @@ def best_of(rows: list[dict], prefix: str, key: str, lrs: list[float]) -> float 
     return min(cands)[1] if cands else None
 
 
-def a_spec(args, setting: dict, b_lr: float, small_lr: float, seed: int, steps: int, warmup: int, rows_by) -> dict:
+def a_spec(args, setting: dict, b_lr: float, small_lr: float, seed: int, steps: int, warmup: int) -> dict:
     ov = {**setting_overrides(setting, b_lr, steps, warmup), "optim.lr": b_lr, "upscale.small_lr": small_lr,
           "upscale.arms": ("upscaled", "scratch"), "upscale.cap": args.cap,
-          "upscale.baseline": baseline_dir(args, rows_by, b_lr, seed)}
+          "upscale.baseline": baseline_dir(args, b_lr, seed)}
     sp = _spec(args, f"A/{label(setting)}/s{seed}", ov, seed)
     sp["setting"] = setting
     return sp
@@ -286,8 +286,8 @@ def main(argv=None):
     ap.add_argument("--small-lrs", default="6e-3,1.2e-2,2.4e-2", help="the small model's rates (seed 0)")
     ap.add_argument("--baselines", default="", help="arm B trained elsewhere: a directory pattern with {seed} "
                     "(its rate is the first of --b-lrs); no B runs then")
-    ap.add_argument("--only", default="", help="comma-separated: 'small' (the small model at every seed), 'grid', 'combined', 'seeds' (default: "
-                    "grid,combined,seeds)")
+    ap.add_argument("--only", default="", help="comma-separated: 'small' (the small model at every seed), "
+                    "'grid', 'combined', 'seeds' (default: grid,combined,seeds)")
     ap.add_argument("--seeds", default="1,2", help="the seeds added to seed 0 for the centre and the combined setting")
     ap.add_argument("--cap", type=float, default=2.0, help="arm A's big-phase FLOPs cap in units of B's")
     ap.add_argument("--setting", default="", help="JSON: levels (keys of CENTRE) of the setting to run at the seeds "
@@ -333,10 +333,9 @@ def main(argv=None):
         rows = run([small_spec(lr, 0) for lr in small_lrs], fn=run_small)
         small_lr = best_of(rows, f"S/{MODEL}", "final_loss_small", small_lrs)
         if small_lr is None:
-            raise SystemExit(f"no small-model run finished: see the sweep's log")
-        by = {r["name"]: r for r in rows}
+            raise SystemExit("no small-model run finished: see the sweep's log")
         print(json.dumps({"b_lr": b_lr, "small_lr": small_lr}), flush=True)
-        A = lambda setting, seed: a_spec(args, setting, b_lr, small_lr, seed, steps, warmup, by)  # noqa: E731
+        A = lambda setting, seed: a_spec(args, setting, b_lr, small_lr, seed, steps, warmup)  # noqa: E731
         if "small" in stages:  # the small model at every seed first (e.g. before the setting is chosen)
             rows = run([small_spec(small_lr, s) for s in all_seeds if s != 0], fn=run_small)
         if "grid" in stages:

@@ -90,7 +90,8 @@ def plot(result: dict, path: str) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", required=True, help="a trained UniVAE run (python train.py --config=configs/univae.py)")
+    ap.add_argument("--workdir", required=True,
+                    help="a trained UniVAE run (python train.py --config=configs/univae.py)")
     ap.add_argument("--n", type=int, default=500, help="lines of each kind (held-out, training)")
     ap.add_argument("--out", default="", help="where curve.json and curve.png go (default: the workdir)")
     args = ap.parse_args(argv)

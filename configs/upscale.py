@@ -88,7 +88,8 @@ def get_config(arg: str | None = None):
         schedule="rewind", big_steps=ph(int), lr_multiplier=ph(float), lr_tensors="all",
         cap=2.0, seeds=(), baseline=ph(str), lossless_atol=1e-5,
         arms=("upscaled", "scratch"),
-        scenario="grow_during", small_lr=ph(float), small_steps=ph(int), small_cache=ph(str), big_lr=ph(float), big_warmup=ph(int), big_schedule=ph(str),
+        scenario="grow_during", small_lr=ph(float), small_steps=ph(int), small_cache=ph(str), big_lr=ph(float),
+        big_warmup=ph(int), big_schedule=ph(str),
         protocol="to_target", wsd_budgets=ph(tuple)))
     if variant in ("default", "mlm", "gpt", "released"):
         preset = "gpt" if variant == "gpt" else "bert"

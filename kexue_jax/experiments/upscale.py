@@ -537,14 +537,9 @@ def big_phase_rate(config) -> tuple[ml_collections.ConfigDict, float]:
     upscale.big_warmup (None = optim.warmup_steps; 0 = none) and the shape upscale.big_schedule (None =
     optim.schedule), both applied where the big phase's schedule starts afresh ("restart", "rewind")."""
     u = config.upscale
-    fields = {}
-    if u.big_warmup is not None:
-        fields["warmup_steps"] = int(u.big_warmup)
-    if u.big_schedule is not None:
-        fields["schedule"] = u.big_schedule
-    if u.big_lr is not None:
-        return _optim_with(config.optim, lr=float(u.big_lr), **fields), 1.0
-    return (_optim_with(config.optim, **fields) if fields else config.optim), lr_multiplier(config)
+    fields = {k: v for k, v in (("warmup_steps", u.big_warmup), ("schedule", u.big_schedule),
+                                ("lr", None if u.big_lr is None else float(u.big_lr))) if v is not None}
+    return _optim_with(config.optim, **fields), (1.0 if u.big_lr is not None else lr_multiplier(config))
 
 
 def lr_multiplier(config) -> float:

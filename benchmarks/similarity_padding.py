@@ -59,26 +59,31 @@ def main() -> None:
 
     if a.time:
         import jax
+        import jax.numpy as jnp
+
+        from kexue_jax import training
 
         cfg, params, _ = S.load_encoder(config)
         sim = config.sim
-        tx, step = S.compiled_step(cfg, ("cosent", tuple(sim.parts), float(sim.cosent_scale), float(sim.mnrl_scale)),
-                                   tuple(sorted(config.optim.items())), steps, False, float(sim.head_lr_mult))
-        state = {"encoder": params}
-        opt = tx.init(state)
-        key = jax.random.key(0)
+        tx, loss_fn = S.optimizer_and_loss(cfg, ("cosent", tuple(sim.parts), float(sim.cosent_scale),
+                                                 float(sim.mnrl_scale)),
+                                           tuple(sorted(config.optim.items())), steps, False, float(sim.head_lr_mult))
+        step = jax.jit(training.make_step(loss_fn, tx), donate_argnums=0)  # the training loop's step
+        params = {"encoder": jax.tree_util.tree_map(jnp.asarray, params)}
+        state = training.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+        key = jax.random.PRNGKey(0)
         batches = {name: [S.pair_batch(data, S.epoch_rows(len(train), a.batch, t, 0, lens, a.group), a.max_len, True)
                           for t in range(a.time)] for name, lens in modes.items()}
         for w in {b["ids"].shape[1] for bs in batches.values() for b in bs}:  # compile every width once
             b = next(b for bs in batches.values() for b in bs if b["ids"].shape[1] == w)
-            state, opt, loss = step(state, opt, b, key)
-        jax.block_until_ready(loss)
+            state, metrics = step(state, b, key)
+        jax.block_until_ready(metrics)
         seconds = {name: 0.0 for name in modes}
         for t in range(a.time):
             for name in modes:
                 t0 = time.perf_counter()
-                state, opt, loss = step(state, opt, batches[name][t], key)
-                jax.block_until_ready(loss)
+                state, metrics = step(state, batches[name][t], key)
+                jax.block_until_ready(metrics)
                 seconds[name] += time.perf_counter() - t0
         out.update({f"{k}_seconds_per_step": round(v / a.time, 3) for k, v in seconds.items()})
         out["time_ratio_plain_over_grouped"] = round(seconds["plain"] / seconds["grouped"], 3)

@@ -67,5 +67,5 @@ def get_config(arg: str | None = None):
         c.study = _study(warmups=(0, 300), lr=1e-3, lrs=(3e-4, 1e-3, 3e-3), sweep_depths=(6, 24, 48),
                          sweep_warmups=(0, 300), attn_num_heads=2, truncation_residuals=("pre", "alpha", "post"),
                          no_norm_residuals=("alpha", "rezero"), param_lrs=(1e-3, 3e-3, 1e-2))
-    c.train.checkpoint_every = c.train.steps  # cells are the unit of resumption (no per-step checkpoints)
+    c.train.checkpoint_every = c.train.eval_every  # a cell in progress resumes from its last evaluation
     return c

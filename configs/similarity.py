@@ -17,8 +17,9 @@ Variants:
              per run (1/2 epoch, lr 1e-4 as it was run, batches grouped by length), dev selection on a
              fixed 500-pair subset every 45 steps, distillation 100 steps of 64 sentences (~45 min on an
              idle 2-core CPU).
-Fields: ``sim`` (loss, head, labels), ``data`` (subsets, lengths), ``study`` (protocol); ``optim`` and
-``train`` as everywhere (``kexue_jax.training.make_optimizer``).
+Fields: ``sim`` (loss, head, labels), ``data`` (subsets, lengths), ``study`` (protocol); ``optim``, ``train``
+and ``parallel`` (the mesh: ``parallel.data``; mode "sharded" only) as everywhere (``kexue_jax.training``: each
+run is a phase of its loop, checkpointed at every evaluation for the dev selection).
 """
 import ml_collections
 
@@ -32,7 +33,7 @@ def get_config(arg: str | None = None):
     if variant not in VARIANTS:
         raise ValueError(f"configs/similarity.py variant must be one of {VARIANTS}, got {variant!r}")
     c = base_config("similarity")
-    del c.model, c.parallel
+    del c.model
     c.sim = ml_collections.ConfigDict(dict(
         loss="cosent",              # softmax (the post's head) | cos_sq | cos_sq_sym | margin | cosent | mnrl
         parts=("u", "v", "|u-v|"),  # pair-head features (the post: all three)

@@ -173,14 +173,15 @@ class ProgressLine:
     ``line = progress(step, metrics)``: rates use the wall time and steps since the previous call (the
     first call, which usually includes compilation, only starts the clock).
     ``MFU = flops_per_step * steps/s / peak_flops`` when both are given (kexue.fm/archives/8610);
-    ``ETA = (total_steps - step) / steps/s``.
+    ``ETA = (total_steps - step) / steps/s``; ``tokens_per_step=None`` (a job without a token count) leaves
+    tokens/s out.
     """
 
-    def __init__(self, total_steps: int, *, tokens_per_step: int, flops_per_step: float | None = None,
+    def __init__(self, total_steps: int, *, tokens_per_step: int | None, flops_per_step: float | None = None,
                  peak_flops: float | None = None, clock: Callable[[], float] = time.perf_counter):
         if total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {total_steps}")
-        if tokens_per_step < 1:
+        if tokens_per_step is not None and tokens_per_step < 1:
             raise ValueError(f"tokens_per_step must be >= 1, got {tokens_per_step}")
         if peak_flops is not None and peak_flops <= 0:
             raise ValueError(f"peak_flops must be > 0, got {peak_flops}")
@@ -196,7 +197,7 @@ class ProgressLine:
         tokens_per_s = mfu = eta = None
         if self._last is not None and step > self._last[0] and now > self._last[1]:
             steps_per_s = (step - self._last[0]) / (now - self._last[1])
-            tokens_per_s = steps_per_s * self.tokens_per_step
+            tokens_per_s = None if self.tokens_per_step is None else steps_per_s * self.tokens_per_step
             eta = (self.total_steps - step) / steps_per_s
             if self.flops_per_step is not None and self.peak_flops is not None:
                 mfu = self.flops_per_step * steps_per_s / self.peak_flops

@@ -14,17 +14,24 @@ Faults: a workdir stores the config that started it (``config.json``) and refuse
 one (``check_resume``); every process restores the same checkpoint step (unreadable steps are moved to
 ``checkpoints/corrupt/`` and written again); SIGTERM on any process stops all of them at the same step,
 after saving it (Ctrl-C too, on one process).
-``run_phase`` = ``check_resume`` -> ``restore_or_init`` -> ``compile_steps`` -> ``train_loop``.
+
+One loop for every job: a :class:`Phase` describes a stretch of training (init, a loss
+``loss_fn(params, batch, key, step) -> (loss, aux)``, batches addressed by step, named evaluators, optimizer
+and schedule, FLOPs per step) and ``run_loop`` = ``check_resume`` -> ``restore_or_init`` -> ``compile_steps``
+-> ``train_loop`` trains it. The language model is one instance: ``run_phase`` = ``lm_phase`` (the token
+loss, corpus batches, validation loss) + ``run_loop``; the UniVAE, similarity, init-study and mixer jobs
+build their own phases.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import signal
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax
 import jax
@@ -45,7 +52,12 @@ log = logging.getLogger("kexue_jax")
 
 
 class NonFiniteLoss(FloatingPointError):
-    """Raised when the training loss becomes NaN or Inf; no checkpoint is written for that state."""
+    """Raised when the training loss becomes NaN or Inf; no checkpoint is written for that state. ``step``:
+    the step where it was seen (None where unknown)."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 @flax.struct.dataclass
@@ -166,7 +178,74 @@ def make_optimizer(optim, total_steps: int, *, update_scales=None, start: int = 
 
 
 # ------------------------------------------------------------------------------------------------
-# Steps.
+# Steps: one train step for any loss.
+
+#: A phase's loss, ``loss_fn(params, batch, key, step) -> (loss, aux)``: ``batch`` a dict of global arrays (rows
+#: of the batch of ``step``), ``key`` this step's PRNG key, ``step`` the traced optimizer step (for schedules
+#: inside the model, e.g. the alpha ramp; ignore it otherwise). ``aux`` is a dict of scalars; its entry
+#: ``"count"`` (default 1: the loss is a mean already) is the number of items ``loss`` sums over.
+LossFn = Callable[[Any, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
+
+
+def _loss_and_count(loss_fn: LossFn):
+    """``loss_fn`` as f(...) -> (loss, (count, other aux entries)), count 1.0 (float32) where aux has none."""
+    def f(params, batch, key, step):
+        loss, aux = loss_fn(params, batch, key, step)
+        aux = dict(aux or {})
+        return loss, (jnp.asarray(aux.pop("count", 1.0), jnp.float32), aux)
+    return f
+
+
+@functools.lru_cache(maxsize=32)
+def make_step(loss_fn: LossFn, tx: optax.GradientTransformation, *, grad_accum: int = 1,
+              axis_name: str | None = None):
+    """The train step of any loss: ``step(state, batch, key) -> (state, metrics)``.
+
+    The step's key is fold_in(key, state.step) (then the device index inside pmap, the micro-batch index
+    under accumulation), so it depends only on the run's key and the step. The loss is a sum over
+    ``aux["count"]`` items (:data:`LossFn`); the loss, the count, the other aux entries and the gradients
+    are summed over ``grad_accum`` micro-batches (the batch's leading axis cut in that many pieces) and over
+    the devices (``axis_name`` set: inside pmap, psum), then divided by the count:
+
+        g = sum_i grad loss_i / sum_i count_i
+
+    so an accumulated or pmapped step takes the gradient of one big batch. ``metrics``: ``loss`` (divided),
+    ``grad_norm`` (of g) and the other aux entries divided by the count. Cached on its arguments (the same
+    loss and optimizer give the same function, so jit reuses its compilation across runs of several seeds)."""
+    grad_fn = jax.value_and_grad(_loss_and_count(loss_fn), has_aux=True)
+
+    def step(state: TrainState, batch, key):
+        rng = jax.random.fold_in(key, state.step)
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        if grad_accum == 1:
+            (loss, (count, aux)), grads = grad_fn(state.params, batch, rng, state.step)
+        else:
+            micro = jax.tree_util.tree_map(
+                lambda x: jnp.swapaxes(x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]), 0, 1),
+                batch)
+
+            def body(carry, inp):
+                mb, i = inp
+                (s, (c, a)), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), state.step)
+                return jax.tree_util.tree_map(jnp.add, carry, (g, s, c, a)), None
+
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            (loss_aval, rest), _ = jax.eval_shape(grad_fn, state.params, first, rng, state.step)
+            zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), (loss_aval, rest))
+            zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.params), zeros[0], *zeros[1])
+            (grads, loss, count, aux), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
+        if axis_name is not None:
+            grads, loss, count, aux = jax.lax.psum((grads, loss, count, aux), axis_name)
+        grads = jax.tree_util.tree_map(lambda g: g / count, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss / count, "grad_norm": optax.tree.norm(grads),
+                   **{k: v / count for k, v in aux.items()}}
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
 
 def loss_terms(logits, batch) -> tuple[jax.Array, jax.Array]:
     """(sum of weighted token cross-entropies, sum of weights), in float32."""
@@ -182,47 +261,28 @@ def _forward(model: Transformer, params, batch, *, train: bool, alpha, rng):
                        alpha=alpha, rngs={"dropout": rng} if train else None)
 
 
-def make_train_step(model: Transformer, tx: optax.GradientTransformation, *, seed: int = 0,
-                    grad_accum: int = 1, alpha_warmup_steps: int = 0, axis_name: str | None = None):
-    """step(state, batch) -> (state, metrics). ``axis_name`` set: inside pmap (psum over devices)."""
+def lm_loss(model: Transformer, *, alpha_warmup_steps: int = 0) -> LossFn:
+    """The language model's loss as a :data:`LossFn`: (sum of weighted token cross-entropies, {"count": sum of
+    weights}) (:func:`loss_terms`), dropout on where the model has it (key = the step's key), and the
+    alpha-residual scale alpha_t = min(1, t / T) of the step (``alpha_warmup_steps`` = T; 8620)."""
     dropout = model.cfg.dropout_rate > 0.0
 
-    def sum_loss(params, mb, rng, alpha):
-        s, c = loss_terms(_forward(model, params, mb, train=dropout, alpha=alpha, rng=rng), mb)
-        return s, c
+    def loss_fn(params, batch, key, step):
+        alpha = alpha_schedule(step, alpha_warmup_steps)
+        s, c = loss_terms(_forward(model, params, batch, train=dropout, alpha=alpha, rng=key), batch)
+        return s, {"count": c}
 
-    def step(state: TrainState, batch):
-        rng = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-        if axis_name is not None:
-            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        alpha = alpha_schedule(state.step, alpha_warmup_steps)
-        grad_fn = jax.value_and_grad(sum_loss, has_aux=True)
-        if grad_accum == 1:
-            (loss_sum, count), grads = grad_fn(state.params, batch, rng, alpha)
-        else:
-            micro = jax.tree_util.tree_map(
-                lambda x: jnp.swapaxes(x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]), 0, 1),
-                batch)
+    return loss_fn
 
-            def body(carry, inp):
-                mb, i = inp
-                (s, c), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), alpha)
-                acc_g, acc_s, acc_c = carry
-                return (jax.tree_util.tree_map(jnp.add, acc_g, g), acc_s + s, acc_c + c), None
 
-            zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-            (grads, loss_sum, count), _ = jax.lax.scan(
-                body, (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)),
-                (micro, jnp.arange(grad_accum)))
-        if axis_name is not None:
-            grads, loss_sum, count = jax.lax.psum((grads, loss_sum, count), axis_name)
-        grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum / count, "grad_norm": optax.tree.norm(grads)}
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return step
+def make_train_step(model: Transformer, tx: optax.GradientTransformation, *, seed: int = 0,
+                    grad_accum: int = 1, alpha_warmup_steps: int = 0, axis_name: str | None = None):
+    """step(state, batch) -> (state, metrics): :func:`make_step` of :func:`lm_loss` with the key of ``seed``.
+    ``axis_name`` set: inside pmap (psum over devices)."""
+    step = make_step(lm_loss(model, alpha_warmup_steps=alpha_warmup_steps), tx, grad_accum=grad_accum,
+                     axis_name=axis_name)
+    key = jax.random.PRNGKey(seed)
+    return lambda state, batch: step(state, batch, key)
 
 
 def make_eval_step(model: Transformer):
@@ -232,11 +292,20 @@ def make_eval_step(model: Transformer):
     return step
 
 
+def mean_over_batches(sum_and_count: Callable[[Any], tuple[Any, Any]], batches) -> float:
+    """sum_i s_i / max(1, sum_i n_i) over (s_i, n_i) = ``sum_and_count(batch_i)``: the mean over every item of
+    ``batches`` (a validation loss from per-batch sums of a loss and counts of its items)."""
+    tot = cnt = 0.0
+    for batch in batches:
+        s, n = sum_and_count(batch)
+        tot, cnt = tot + float(s), cnt + float(n)
+    return tot / max(cnt, 1.0)
+
+
 def init_state(model: Transformer, tx: optax.GradientTransformation, key, seq_len: int) -> TrainState:
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(key, tokens)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
 
 # ------------------------------------------------------------------------------------------------
 # Data for the loop.
@@ -296,30 +365,53 @@ def eval_host_batches(corpus: Corpus, data_cfg, num_batches: int, seed: int) -> 
 # ------------------------------------------------------------------------------------------------
 # The loop.
 
-@dataclasses.dataclass
+@dataclasses.dataclass(kw_only=True)
 class Phase:
-    """One stretch of training: a model, an optimizer and steps [start, end) logged under ``workdir``.
+    """One stretch of training, steps [start, end) logged and checkpointed under ``workdir``: what
+    :func:`run_loop` trains. A job describes its training as a phase and nothing else:
 
-    ``init``: a function key -> TrainState (called under jit with sharded outputs) used when the phase's
-    checkpoint directory has nothing to resume; or ``state``: a ready TrainState (e.g. a widened one).
-    ``flops_offset``: training FLOPs spent before this phase (for compute curves); ``total_steps``: the
-    denominator of the progress line.
+    * ``init``: key -> TrainState (called under jit with sharded outputs) when the phase's checkpoint
+      directory has nothing to resume; or ``state``: a ready TrainState (e.g. a widened one);
+    * ``loss_fn``: the loss (:data:`LossFn`), ``tx`` the optimizer (its ``schedule`` for the "lr" column);
+    * ``batch_fn``: step -> this process's rows of the batch of that step (a dict of host arrays; a pure
+      function of the step, so a resumed run replays the same batches);
+    * ``evaluators``: name -> fn(params, step) -> {metric: float} (no key named "loss"), run at ``start``
+      (``eval_at_start``), every ``train.eval_every`` steps, at the steps of ``eval_steps`` and at ``end``;
+      their merged records are the phase's evaluation history;
+    * ``flops_per_step`` (None: no FLOPs count), ``flops_offset`` (training FLOPs spent before this phase:
+      compute curves), ``tokens_per_step`` (None: no tokens/s in the progress line);
+    * ``log_extra``: fetched training metrics -> further ones computed on the host (the LM's bits/byte);
+    * ``keep_evaluated``: checkpoint at every evaluation and keep every checkpoint (model selection: the job
+      restores the step it selects, :func:`restore_step`).
+
+    :func:`run_phase` trains a Transformer language model: it fills ``loss_fn``, ``batch_fn``, the
+    validation evaluator, FLOPs and tokens from ``model_cfg`` and the corpus (:func:`lm_phase`).
     """
 
-    model_cfg: TransformerConfig
     tx: optax.GradientTransformation
     start: int
     end: int
     workdir: str
     init: Callable[[Any], TrainState] | None = None
     state: TrainState | None = None
+    model_cfg: TransformerConfig | None = None
+    loss_fn: LossFn | None = None
+    batch_fn: Callable[[int], dict] | None = None
+    evaluators: Mapping[str, Callable[[Any, int], dict]] = dataclasses.field(default_factory=dict)
+    eval_at_start: bool = True
+    eval_steps: tuple[int, ...] = ()
+    keep_evaluated: bool = False
+    flops_per_step: float | None = None
     flops_offset: float = 0.0
+    tokens_per_step: int | None = None
+    log_extra: Callable[[dict], dict] | None = None
     name: str = ""
     schedule: Callable[[int], Any] | None = None  # for the "lr" column of the metrics
     #: optional early stop: called with the evaluation history after each evaluation (and on resume);
     #: True ends the phase there, with a checkpoint (e.g. "the target loss is reached").
     stop_when: Callable[[list[dict]], bool] | None = None
-    #: optional extra evaluation metrics: params -> {name: float}, recorded with each validation loss.
+    #: optional extra evaluation metrics: params -> {name: float}, recorded with each evaluation (an
+    #: evaluator that does not need the step).
     eval_extra: Callable[[Any], dict] | None = None
 
 
@@ -453,63 +545,73 @@ def restore_or_init(phase: Phase, ckpt: ckpt_lib.Checkpointer, mesh, seed: int):
     return state, shardings, resumed_from
 
 
+def restore_step(workdir: str, like: TrainState, step: int) -> TrainState:
+    """The TrainState a phase saved at ``step`` in ``workdir/checkpoints``, in the structure, dtypes and
+    shardings of ``like`` (e.g. the phase's final state): the model a job selects after a phase run with
+    ``keep_evaluated``."""
+    with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=None) as ckpt:
+        state, _ = ckpt.restore(ckpt_lib.abstract_like(like), step=step)
+    return state
+
+
+#: Fields of a config that :func:`run_loop` reads and a job's config may leave out, with the value used then.
+LOOP_DEFAULTS = {"train.grad_accum": 1, "train.checkpoint_every": 0, "train.keep_checkpoints": 3,
+                 "parallel.mode": "sharded"}
+
+
+def loop_setting(config, field: str):
+    """``config.<field>`` (``"section.name"``), or its :data:`LOOP_DEFAULTS` value where the config has no
+    such field (e.g. the similarity job's config has no ``parallel`` section)."""
+    section, name = field.split(".")
+    if section in config and name in config[section]:
+        return config[section][name]
+    return LOOP_DEFAULTS[field]
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+    """Whether every entry of every array of ``tree`` is finite (one jitted function: compiled once per
+    structure, shared by every phase)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 @dataclasses.dataclass
 class Compiled:
     """The phase's compiled functions. ``run_state``: the state in the steps' layout (replicated under
     pmap); ``step(run_state, t)`` -> (run_state, metrics on device); ``current(run_state)`` -> the
-    TrainState; ``evaluate(params)`` -> mean validation loss; ``all_finite(params)`` -> bool array."""
+    TrainState; ``eval_params(params)`` -> the params in the evaluators' layout (sharded)."""
 
     run_state: Any
     step: Callable
     current: Callable
-    evaluate: Callable
-    all_finite: Callable
-    flops_per_step: float
+    eval_params: Callable
 
 
-def compile_steps(phase: Phase, config, corpus: Corpus, mesh, state: TrainState, shardings) -> Compiled:
-    """Jit (sharded mode) or pmap the train step, and jit the evaluation, for ``phase``."""
-    c, seed = config, int(config.seed)
-    model = Transformer(phase.model_cfg)
-    flops_per_step = float(flops_lib.training_flops(phase.model_cfg, c.data.seq_len, c.data.batch_size))
-    step_kw = dict(seed=seed, grad_accum=c.train.grad_accum, alpha_warmup_steps=c.train.alpha_warmup_steps)
-    eval_step = jax.jit(make_eval_step(model))
-    batch_sharding = parallel.batch_sharding(mesh)
-    if c.parallel.mode == "pmap":
-        pstep = jax.pmap(make_train_step(model, phase.tx, axis_name="batch", **step_kw), axis_name="batch",
-                         donate_argnums=0)
+def compile_steps(phase: Phase, config, mesh, state: TrainState, shardings) -> Compiled:
+    """Jit (sharded mode: each batch a global array split over ``mesh``) or pmap (``parallel.mode="pmap"``)
+    the step of ``phase.loss_fn`` (:func:`make_step`, ``train.grad_accum`` micro-batches) on the batches of
+    ``phase.batch_fn``, with the run's key PRNGKey(``config.seed``)."""
+    key = jax.random.PRNGKey(int(config.seed))
+    grad_accum = int(loop_setting(config, "train.grad_accum"))
+    if loop_setting(config, "parallel.mode") == "pmap":
+        pstep = jax.pmap(make_step(phase.loss_fn, phase.tx, grad_accum=grad_accum, axis_name="batch"),
+                         axis_name="batch", in_axes=(0, 0, None), donate_argnums=0)
         n_local = jax.local_device_count()
-        run_state = parallel.replicate(jax.device_get(state))
 
         def do_step(s, t):
-            s, m = pstep(s, parallel.split_for_pmap(host_batch(corpus, c.data, t, seed), n_local))
+            s, m = pstep(s, parallel.split_for_pmap(phase.batch_fn(t), n_local), key)
             return s, parallel.unreplicate(m)
 
-        current = parallel.unreplicate
-    else:
-        jstep = jax.jit(make_train_step(model, phase.tx, **step_kw), donate_argnums=0,
-                        out_shardings=(shardings, None))
-        run_state = state
+        return Compiled(parallel.replicate(jax.device_get(state)), do_step, parallel.unreplicate,
+                        lambda p: jax.device_put(p, shardings.params))
+    jstep = jax.jit(make_step(phase.loss_fn, phase.tx, grad_accum=grad_accum), donate_argnums=0,
+                    out_shardings=(shardings, None))
+    batch_sharding = parallel.batch_sharding(mesh)
 
-        def do_step(s, t):
-            return jstep(s, data_lib.to_global(host_batch(corpus, c.data, t, seed), batch_sharding))
+    def do_step(s, t):
+        return jstep(s, data_lib.to_global(phase.batch_fn(t), batch_sharding), key)
 
-        def current(s):
-            return s
-
-    val_batches = eval_host_batches(corpus, c.data, c.train.eval_batches, seed)
-
-    def evaluate(params) -> float:
-        if c.parallel.mode == "pmap":
-            params = jax.device_put(params, shardings.params)
-        tot = cnt = 0.0
-        for vb in val_batches:
-            s, n = eval_step(params, data_lib.to_global(vb, batch_sharding))
-            tot, cnt = tot + float(s), cnt + float(n)
-        return tot / max(cnt, 1.0)
-
-    all_finite = jax.jit(lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(p)])))
-    return Compiled(run_state, do_step, current, evaluate, all_finite, flops_per_step)
+    return Compiled(state, do_step, lambda s: s, lambda p: p)
 
 
 class _Recorder:
@@ -518,12 +620,18 @@ class _Recorder:
     def __init__(self, phase: Phase, config, compiled: Compiled, writer, ckpt, history: list[dict]):
         self.phase, self.compiled, self.writer, self.ckpt, self.history = phase, compiled, writer, ckpt, history
         self.tag = f"[{phase.name}] " if phase.name else ""
-        self.progress = metrics_lib.ProgressLine(
-            phase.end, tokens_per_step=config.data.batch_size * config.data.seq_len,
-            flops_per_step=compiled.flops_per_step, peak_flops=parallel.peak_flops_per_device() * jax.device_count())
+        self.evaluators = dict(phase.evaluators)
+        if phase.eval_extra is not None:
+            self.evaluators["eval_extra"] = lambda params, step: phase.eval_extra(params)
+        peak = None if phase.flops_per_step is None else parallel.peak_flops_per_device() * jax.device_count()
+        self.progress = metrics_lib.ProgressLine(phase.end, tokens_per_step=phase.tokens_per_step,
+                                                 flops_per_step=phase.flops_per_step, peak_flops=peak)
 
-    def flops(self, t: int) -> float:
-        return self.phase.flops_offset + (t - self.phase.start) * self.compiled.flops_per_step
+    def flops(self, t: int) -> float | None:
+        """Training FLOPs spent by step ``t`` (None for a phase without a FLOPs count)."""
+        if self.phase.flops_per_step is None:
+            return None
+        return self.phase.flops_offset + (t - self.phase.start) * self.phase.flops_per_step
 
     def log(self, t: int, metrics) -> None:
         """Write the training metrics of step ``t`` (fetched now: call it a step late)."""
@@ -531,33 +639,40 @@ class _Recorder:
         if not all(math.isfinite(v) for v in m.values()):
             raise NonFiniteLoss(f"{self.tag}non-finite loss at step {t} ({m}); stopped. The last good checkpoint "
                                 f"is step {self.ckpt.latest_step()} in {self.ckpt.directory}; nothing was saved "
-                                f"after it")
-        m["bpb"] = m["loss"] / math.log(2.0)
-        m["flops"] = self.flops(t)
+                                f"after it", step=t)
+        shown = {"loss": m["loss"]}
+        if self.phase.log_extra is not None:
+            extra = {k: float(v) for k, v in self.phase.log_extra(m).items()}
+            m.update(extra)
+            shown.update(extra)
+        if self.phase.flops_per_step is not None:
+            m["flops"] = self.flops(t)
         if self.phase.schedule is not None:
             m["lr"] = float(self.phase.schedule(t - 1))
         self.writer.write(t, m)
-        say(self.tag + self.progress(t, {"loss": m["loss"], "bpb": m["bpb"]}))
+        say(self.tag + self.progress(t, shown))
 
-    def evaluate(self, t: int, run_state) -> float:
-        params = self.compiled.current(run_state).params
-        v = self.compiled.evaluate(params)
-        rec = {"step": t, "val_loss": v, "val_bpb": v / math.log(2.0), "flops": self.flops(t)}
-        if self.phase.eval_extra is not None:
-            rec.update({k: float(x) for k, x in self.phase.eval_extra(params).items()})
+    def evaluate(self, t: int, run_state) -> dict:
+        """Run every evaluator on the params of step ``t``; record and return the merged record."""
+        params = self.compiled.eval_params(self.compiled.current(run_state).params)
+        rec: dict = {"step": t}
+        for fn in self.evaluators.values():
+            rec.update({k: float(x) for k, x in fn(params, t).items()})
+        if self.phase.flops_per_step is not None:
+            rec["flops"] = self.flops(t)
         self.history.append(rec)
         self.writer.write(t, {k: x for k, x in rec.items() if k != "step"})
-        return v
+        return rec
 
     def check_loss(self, t: int, bad) -> None:
         if bool(jax.device_get(bad)):
             raise NonFiniteLoss(f"{self.tag}non-finite loss before step {t}; stopped. The last good "
-                                f"checkpoint is step {self.ckpt.latest_step()} in {self.ckpt.directory}")
+                                f"checkpoint is step {self.ckpt.latest_step()} in {self.ckpt.directory}", step=t)
 
     def save(self, t: int, run_state) -> None:
         state = self.compiled.current(run_state)
-        if not bool(jax.device_get(self.compiled.all_finite(state.params))):
-            raise NonFiniteLoss(f"{self.tag}non-finite parameters at step {t}; not checkpointed")
+        if not bool(jax.device_get(all_finite(state.params))):
+            raise NonFiniteLoss(f"{self.tag}non-finite parameters at step {t}; not checkpointed", step=t)
         if not self.ckpt.save(t, state) and t not in self.ckpt.all_steps():
             raise RuntimeError(f"{self.tag}checkpoint step {t} was not written to {self.ckpt.directory}")
 
@@ -568,12 +683,17 @@ class _Recorder:
 
 
 def _previous_history(workdir: str, step: int) -> list[dict]:
-    """Evaluations an earlier run of this workdir recorded up to ``step`` (for a resumed phase)."""
+    """Evaluations an earlier run of this workdir recorded up to ``step`` (for a resumed phase): its metrics
+    records without a training ``loss``, the last one of each step."""
     if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
         return []
-    by_step = {r["step"]: {k: r[k] for k in r if k in ("step", "val_loss", "val_bpb", "flops") or k.startswith("eval_")}
-               for r in metrics_lib.read_metrics(workdir) if "val_loss" in r and r["step"] <= step}
+    by_step = {r["step"]: r for r in metrics_lib.read_metrics(workdir) if "loss" not in r and r["step"] <= step}
     return [by_step[t] for t in sorted(by_step)]
+
+
+def _describe(record: dict) -> str:
+    """``val_loss 1.2345, val_bpb 1.7810``: an evaluation record for the log (step and FLOPs left out)."""
+    return ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k not in ("step", "flops"))
 
 
 def train_loop(phase: Phase, config, compiled: Compiled, rec: _Recorder, step: int, *,
@@ -582,9 +702,10 @@ def train_loop(phase: Phase, config, compiled: Compiled, rec: _Recorder, step: i
     SIGTERM (agreed by all processes) or Ctrl-C (one process) saves the current step and raises
     :class:`Preempted`."""
     c = config.train
+    checkpoint_every = int(loop_setting(config, "train.checkpoint_every"))
     run_state, pending, bad, ran = compiled.run_state, None, jnp.zeros((), bool), 0
     with _Preemption() as preempt:
-        if step == phase.start and not rec.history:
+        if step == phase.start and not rec.history and phase.eval_at_start:
             rec.evaluate(step, run_state)
         while step < phase.end and not (phase.stop_when is not None and rec.history and phase.stop_when(rec.history)):
             run_state, m = compiled.step(run_state, step)
@@ -596,12 +717,13 @@ def train_loop(phase: Phase, config, compiled: Compiled, rec: _Recorder, step: i
                 pending = None
             if itstime(step, c.log_every, last=phase.end):
                 pending = (step, m)
-            if itstime(step, c.eval_every, last=phase.end):
+            evaluated = itstime(step, c.eval_every, last=phase.end) or step in phase.eval_steps
+            if evaluated:
                 rec.check_loss(step, bad)
-                v = rec.evaluate(step, run_state)
-                say(f"{rec.tag}step {step}: val_loss {v:.4f} (val bpb {v / math.log(2.0):.3f})")
+                say(f"{rec.tag}step {step}: {_describe(rec.evaluate(step, run_state))}")
             preempted = preempt.reached(step)
-            if itstime(step, c.checkpoint_every, last=phase.end) or preempted or rec.stop_requested(step):
+            if (itstime(step, checkpoint_every, last=phase.end) or preempted or rec.stop_requested(step)
+                    or (evaluated and phase.keep_evaluated)):
                 rec.check_loss(step, bad)
                 rec.save(step, run_state)
                 if preempted:
@@ -615,21 +737,39 @@ def train_loop(phase: Phase, config, compiled: Compiled, rec: _Recorder, step: i
     return run_state
 
 
-def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | None = None) -> PhaseResult:
+def _check_phase(phase: Phase) -> None:
+    """ValueError naming the first field of ``phase`` that :func:`run_loop` cannot use."""
+    for name in ("loss_fn", "batch_fn"):
+        if getattr(phase, name) is None:
+            raise ValueError(f"Phase.{name} is required (run_phase fills it for a Transformer language model "
+                             f"from Phase.model_cfg)")
+    if phase.init is None and phase.state is None:
+        raise ValueError("Phase.init (key -> TrainState) or Phase.state (a TrainState) is required")
+    for name, fn in phase.evaluators.items():
+        if not callable(fn):
+            raise ValueError(f"Phase.evaluators[{name!r}] must be a function (params, step) -> dict, got {fn!r}")
+
+
+def run_loop(phase: Phase, config, mesh, *, stop_after: int | None = None) -> PhaseResult:
     """Train ``phase`` (resuming from its latest good checkpoint), logging, evaluating and checkpointing:
-    :func:`check_resume`, :func:`restore_or_init`, :func:`compile_steps`, :func:`train_loop`.
+    :func:`check_resume`, :func:`restore_or_init`, :func:`compile_steps`, :func:`train_loop`; the workdir
+    stores ``config`` the first time (:func:`store_config`). Reads ``config.seed`` (init key and the steps'
+    keys) and ``config.train``'s ``log_every``, ``eval_every``, ``checkpoint_every``, ``keep_checkpoints``,
+    ``grad_accum`` and ``config.parallel.mode`` (:data:`LOOP_DEFAULTS` for those a job's config lacks).
 
     ``stop_after``: stop (without a final checkpoint) once this many steps ran in this call, as a killed
     run would (used by the resume tests).
     """
+    _check_phase(phase)
     check_resume(config, phase.workdir)
     os.makedirs(phase.workdir, exist_ok=True)
     writer = metrics_lib.MetricWriter(phase.workdir, is_primary=_is_primary())
-    ckpt = ckpt_lib.Checkpointer(os.path.join(phase.workdir, "checkpoints"), max_to_keep=config.train.keep_checkpoints)
+    keep = None if phase.keep_evaluated else int(loop_setting(config, "train.keep_checkpoints"))
+    ckpt = ckpt_lib.Checkpointer(os.path.join(phase.workdir, "checkpoints"), max_to_keep=keep)
     try:
         state, shardings, resumed_from = restore_or_init(phase, ckpt, mesh, int(config.seed))
         step = int(jax.device_get(state.step))
-        compiled = compile_steps(phase, config, corpus, mesh, state, shardings)
+        compiled = compile_steps(phase, config, mesh, state, shardings)
         history = _previous_history(phase.workdir, step) if resumed_from is not None else []
         store_config(config, phase.workdir)
         rec = _Recorder(phase, config, compiled, writer, ckpt, history)
@@ -638,8 +778,54 @@ def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | N
         ckpt.wait()
         ckpt.close()
         writer.close()
-    return PhaseResult(state=compiled.current(run_state), history=history, flops_per_step=compiled.flops_per_step,
-                       resumed_from=resumed_from)
+    return PhaseResult(state=compiled.current(run_state), history=history,
+                       flops_per_step=float(phase.flops_per_step or 0.0), resumed_from=resumed_from)
+
+
+def bits_per_byte(metrics: dict) -> dict:
+    """{"bpb": loss / ln 2}: the training loss (nats per byte) in bits per byte."""
+    return {"bpb": metrics["loss"] / math.log(2.0)}
+
+
+def lm_evaluator(model: Transformer, batches: list[dict], mesh) -> Callable[[Any, int], dict]:
+    """fn(params, step) -> {"val_loss", "val_bpb"}: the mean token NLL (nats) of the fixed validation
+    ``batches`` (host rows, made global arrays on ``mesh`` at each call), and in bits."""
+    eval_step, sharding = jax.jit(make_eval_step(model)), parallel.batch_sharding(mesh)
+
+    def evaluate(params, step) -> dict:
+        v = mean_over_batches(lambda b: eval_step(params, data_lib.to_global(b, sharding)), batches)
+        return {"val_loss": v, "val_bpb": v / math.log(2.0)}
+
+    return evaluate
+
+
+def lm_phase(phase: Phase, config, corpus: Corpus, mesh) -> Phase:
+    """A Transformer language-model phase (``phase.model_cfg``) as :func:`run_loop` takes it: the loss
+    :func:`lm_loss` (alpha ramp ``train.alpha_warmup_steps``), the batches :func:`host_batch` of ``corpus``,
+    the validation evaluator :func:`lm_evaluator` on :func:`eval_host_batches` (``train.eval_batches``),
+    training FLOPs (``flops.training_flops``), tokens per step and bits/byte in the log. Fields the phase
+    sets already are kept (its evaluators run after the validation loss)."""
+    if phase.model_cfg is None:
+        raise ValueError("Phase.model_cfg is required by run_phase (a Transformer language model); "
+                         "run_loop trains a phase with its own loss_fn")
+    c, seed, model = config, int(config.seed), Transformer(phase.model_cfg)
+    filled = dict(
+        loss_fn=lm_loss(model, alpha_warmup_steps=c.train.alpha_warmup_steps),
+        batch_fn=lambda t: host_batch(corpus, c.data, t, seed),
+        flops_per_step=float(flops_lib.training_flops(phase.model_cfg, c.data.seq_len, c.data.batch_size)),
+        tokens_per_step=c.data.batch_size * c.data.seq_len, log_extra=bits_per_byte)
+    val = lm_evaluator(model, eval_host_batches(corpus, c.data, c.train.eval_batches, seed), mesh)
+    return dataclasses.replace(phase, evaluators={"val": val, **phase.evaluators},
+                               **{k: v for k, v in filled.items() if getattr(phase, k) is None})
+
+
+def run_phase(phase: Phase, config, corpus: Corpus, mesh, *, stop_after: int | None = None) -> PhaseResult:
+    """Train the language-model ``phase`` (:func:`lm_phase`) with :func:`run_loop`.
+
+    ``stop_after``: stop (without a final checkpoint) once this many steps ran in this call, as a killed
+    run would (used by the resume tests).
+    """
+    return run_loop(lm_phase(phase, config, corpus, mesh), config, mesh, stop_after=stop_after)
 
 
 def build_mesh(config):

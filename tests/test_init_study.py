@@ -89,6 +89,27 @@ def test_rerun_resumes_cell_by_cell(tiny_run, capsys):
     np.testing.assert_allclose(new[victim]["final_val_loss"], old[victim]["final_val_loss"], rtol=1e-5)
 
 
+def test_a_cell_in_progress_resumes_from_its_checkpoint(tmp_path, capsys):
+    """A cell killed between checkpoints goes on from its last one (not from step 0) and ends with the record of a
+    cell never interrupted."""
+    from kexue_jax import checkpoint as ckpt_lib
+    from kexue_jax import training
+
+    config = get_config("tiny")
+    cell = next(c for c in init_study.grid(config, init_study.validate(config)) if c.name == "rezero_L1_w0_lr0.002")
+    corpus = training.load_corpus(config.data)
+    val = [{k: jnp.asarray(v) for k, v in b.items()}
+           for b in training.eval_host_batches(corpus, config.data, config.train.eval_batches, int(config.seed))]
+    whole = init_study.run_cell(cell, config, corpus, val, str(tmp_path / "whole"))
+    init_study.run_cell(cell, config, corpus, val, str(tmp_path / "cut"), stop_after=8)  # killed after step 8
+    assert ckpt_lib.Checkpointer(tmp_path / "cut" / "checkpoints").all_steps() == [6]
+    capsys.readouterr()
+    again = init_study.run_cell(cell, config, corpus, val, str(tmp_path / "cut"))
+    assert "resumed from step 6" in capsys.readouterr().out
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in whole.items() if k != "seconds"}
+    assert sorted(again["grad_norm_per_layer"]) == ["0", "6"] and len(again["alpha"]["12"]) == 1  # ReZero's alpha
+
+
 def test_rerun_with_other_settings_trains_its_own_cells(tiny_run, tmp_path, capsys):
     """A rerun in the same workdir at another batch size and width reused 24 of 26 cells trained at the old
     settings (only names containing d_model changed); each cell is now keyed by every setting that trains it."""
@@ -109,11 +130,14 @@ def test_rerun_with_other_settings_trains_its_own_cells(tiny_run, tmp_path, caps
 
 
 def test_lr_schedule_and_truncation_helpers():
-    t = jnp.arange(0, 11)
-    lr = init_study.lr_at(t, 1.0, 4.0, 10, 0.1)
-    np.testing.assert_allclose(lr[:4], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
-    assert float(lr[-1]) == pytest.approx(0.1, rel=1e-6)
-    np.testing.assert_allclose(init_study.lr_at(jnp.arange(3), 2.0, 0.0, 10, 0.1)[0], 2.0)
+    from kexue_jax import training
+
+    config = get_config("tiny")
+    cells = init_study.grid(config, init_study.validate(config))
+    cell = next(c for c in cells if c.warmup == 3 and c.lr == 2e-3)
+    lr = training.make_schedule(init_study.cell_optim(cell, config), config.train.steps)
+    # make_schedule's warmup t / w from 0 (the study's own copy ramped (t + 1) / w), then cosine to lr x 0.1
+    np.testing.assert_allclose([float(lr(t)) for t in (0, 1, 3, 12)], [0.0, 2e-3 / 3, 2e-3, 2e-4], rtol=1e-6)
     params = {"a": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}, "embed": {"token": jnp.ones((3, 2))}}
     out = init_study.uncorrect_truncation(params)
     assert float(out["a"]["kernel"][0, 0]) == pytest.approx(math.sqrt(init_lib.truncated_normal_variance()))

@@ -285,6 +285,10 @@ def test_tiny_study_writes_every_table_and_resumes(sts, tmp_path, capsys):
     text = (tmp_path / "report.md").read_text()
     assert "| cosent |" in text and "I don't like Beijing." in text and "\\|u-v\\|" in text
     capsys.readouterr()
+    # a finished run keeps its record, not its checkpoints (every evaluated state: model and Adam moments)
+    assert (tmp_path / "runs" / "cosent_s0" / "result.json").is_file()
+    assert not (tmp_path / "runs" / "cosent_s0" / "checkpoints").exists()
     again = experiment.run(c, str(tmp_path))     # every run is reused, the figures are the same
-    assert capsys.readouterr().out.count("reusing") == 4
+    # the two losses, the ablation's full-head row (the softmax run again) and its |u-v| row, the student
+    assert capsys.readouterr().out.count("reusing") == 5
     assert again["losses"] == report["losses"] and again["distillation"] == report["distillation"]

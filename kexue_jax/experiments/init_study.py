@@ -27,11 +27,15 @@ number of steps ...): a report never mixes cells of two configs. Outputs: ``DIR/
 per run), ``DIR/table.md`` (a heat-map-style table: final loss per cell, "div" where it diverged) and
 ``DIR/loss_curves.png``.
 
-All cells of one architecture share one compiled step: the learning rate and its warmup length are
-traced arguments (lr_t = lr * warmup ramp * cosine decay, applied after ``training.make_optimizer``'s
-clip -> Adam -> decoupled decay chain built with a unit learning rate), and the alpha ramp
-alpha_t = ``norms.alpha_schedule(t, config.train.alpha_warmup_steps)`` is computed from the step
-counter inside the step: it is never a parameter and no gradient reaches it.
+Each cell trains as a ``training.Phase`` run by ``training.run_loop`` (:func:`run_cell`), the loop of every
+job: ``training.make_optimizer`` with the cell's lr and warmup (``training.make_schedule``: linear warmup,
+cosine decay), the language-model loss, batches addressed by step, and an evaluator recording the validation
+loss, the residual scale and, at ``study.grad_steps``, the gradient norm of every layer. While it trains, a
+cell keeps checkpoints and metrics in ``DIR/cells/<name>-<key>/`` (a killed study resumes the cell in progress
+from its last checkpoint, every ``train.checkpoint_every`` steps); once its record is written they are
+deleted. Cells with the same model, lr and warmup share one compiled step. The alpha ramp
+alpha_t = ``norms.alpha_schedule(t, config.train.alpha_warmup_steps)`` is computed from the step counter
+inside the step: it is never a parameter and no gradient reaches it.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from typing import Any
 
@@ -52,6 +57,8 @@ import numpy as np
 import optax
 
 from kexue_jax import config as config_lib
+from kexue_jax import metrics as metrics_lib
+from kexue_jax import parallel
 from kexue_jax import reporting
 from kexue_jax import training
 from kexue_jax.nn import Transformer, TransformerConfig, alpha_schedule
@@ -207,48 +214,44 @@ def grid(config, base: TransformerConfig) -> list[Cell]:
 # ------------------------------------------------------------------------------------------------
 # Training one cell.
 
-def lr_at(count, lr, warmup, total: int, min_lr_ratio: float):
-    """lr_t = lr * min(1, (t + 1) / warmup) * cosine decay to lr * min_lr_ratio at ``total`` (traced
-    ``lr`` and ``warmup``: cells that differ only in them share one compiled step). Same shape as
-    ``training.make_schedule`` (linear warmup, then cosine) with the warmup length as data."""
-    t = jnp.asarray(count, jnp.float32)
-    warmup = jnp.asarray(warmup, jnp.float32)
-    ramp = jnp.where(warmup > 0, jnp.minimum(1.0, (t + 1.0) / jnp.maximum(warmup, 1.0)), 1.0)
-    frac = jnp.clip((t - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
-    decay = min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + jnp.cos(math.pi * frac))
-    return lr * ramp * jnp.where(t < warmup, 1.0, decay)
-
-
 def layer_grad_norms(grads, num_layers: int) -> jax.Array:
     """[num_layers] L2 norm of each ``layer_i`` subtree of the gradient."""
     return jnp.stack([optax.tree.norm(grads[f"layer_{i}"]) for i in range(num_layers)])
 
 
+def cell_optim(cell: Cell, config) -> ml_collections.ConfigDict:
+    """``config.optim`` with the cell's peak rate and warmup and a cosine decay: ``training.make_schedule``
+    (linear warmup from 0 over ``cell.warmup`` steps, cosine to lr x ``optim.min_lr_ratio`` at train.steps)."""
+    optim = config.optim.copy_and_resolve_references()
+    optim.update(lr=float(cell.lr), warmup_steps=int(cell.warmup), schedule="cosine")
+    return optim
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled(model_cfg: TransformerConfig, total: int, alpha_ramp: int, optim_key: tuple):
-    """(train step, eval step) for one architecture, jitted once; lr and warmup are arguments."""
-    optim = dict(optim_key)
-    unit = ml_collections.ConfigDict({**optim, "lr": 1.0, "warmup_steps": 0, "schedule": "constant"})
-    tx = training.make_optimizer(unit, total)
+def _cell_optimizer(optim_items: tuple, total: int):
+    """``training.make_optimizer`` of one cell optimizer (:func:`cell_optim`), cached: cells with the same model,
+    lr and warmup share their step's compilation (``training.make_step`` is cached on the loss and the tx)."""
+    return training.make_optimizer(ml_collections.ConfigDict(dict(optim_items)), total)
+
+
+@functools.lru_cache(maxsize=32)
+def _cell_functions(model_cfg: TransformerConfig, alpha_ramp: int):
+    """(loss_fn, eval step, layer gradient norms) of one architecture, cached: the cells of one architecture
+    share them and their compilations. The alpha ramp alpha_t = ``alpha_schedule(t, alpha_ramp)`` comes from
+    the step counter: never a parameter, no gradient reaches it."""
     model = Transformer(model_cfg)
 
-    def mean_loss(params, batch, alpha):
-        s, c = training.loss_terms(model.apply({"params": params}, batch["inputs"], alpha=alpha), batch)
+    def forward(params, batch, t):
+        return model.apply({"params": params}, batch["inputs"], alpha=alpha_schedule(t, alpha_ramp))
+
+    def mean_loss(params, batch, t):
+        s, c = training.loss_terms(forward(params, batch, t), batch)
         return s / c
 
-    def step(params, opt_state, batch, t, lr, warmup):
-        alpha = alpha_schedule(t, alpha_ramp)
-        loss, grads = jax.value_and_grad(mean_loss)(params, batch, alpha)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        rate = lr_at(t, lr, warmup, total, float(optim["min_lr_ratio"]))
-        params = optax.apply_updates(params, jax.tree_util.tree_map(lambda u: rate * u, updates))
-        return params, opt_state, loss, layer_grad_norms(grads, model_cfg.num_layers)
-
-    def evaluate(params, batch, t):
-        return training.loss_terms(model.apply({"params": params}, batch["inputs"],
-                                               alpha=alpha_schedule(t, alpha_ramp)), batch)
-
-    return tx, jax.jit(step, donate_argnums=(0, 1)), jax.jit(evaluate)
+    evaluate = jax.jit(lambda params, batch, t: training.loss_terms(forward(params, batch, t), batch))
+    grad_norms = jax.jit(lambda params, batch, t: layer_grad_norms(jax.grad(mean_loss)(params, batch, t),
+                                                                   model_cfg.num_layers))
+    return training.lm_loss(model, alpha_warmup_steps=alpha_ramp), evaluate, grad_norms
 
 
 def uncorrect_truncation(params):
@@ -286,63 +289,96 @@ def alpha_record(cell: Cell, params, t: int, ramp: int) -> Any:
     return None
 
 
-def run_cell(cell: Cell, config, corpus, val_batches) -> dict:
-    """Train one cell for ``config.train.steps`` steps; returns its record (see module docstring)."""
-    c, s = config, config.study
-    total, ramp = int(c.train.steps), int(c.train.alpha_warmup_steps)
-    optim_key = tuple(sorted((k, v) for k, v in c.optim.items() if k not in ("lr", "warmup_steps", "schedule")))
-    tx, step_fn, eval_fn = _compiled(cell.model, total, ramp, optim_key)
+def _numbered(prefix: str, values) -> dict:
+    """{"prefix_0": v0, ...}: a list as scalar metrics (an evaluation record holds scalars)."""
+    return {f"{prefix}_{i}": float(v) for i, v in enumerate(values)}
+
+
+def _unnumbered(record: dict, prefix: str) -> list | None:
+    """The list :func:`_numbered` made of ``prefix`` in ``record``; None if it has none."""
+    n = sum(1 for k in record if re.fullmatch(rf"{prefix}_\d+", k))
+    return [record[f"{prefix}_{i}"] for i in range(n)] if n else None
+
+
+def cell_evaluator(cell: Cell, config, corpus, val_batches):
+    """fn(params, step) -> {"val_loss" (with alpha_t, nats/byte), the residual scale (``alpha`` or
+    ``alpha_<layer>``), and at ``study.grad_steps`` the gradient norm of every layer on the batch of that step
+    (``grad_norm_<layer>``: the step's own gradient, taken at its params)}."""
+    c, total, ramp = config, int(config.train.steps), int(config.train.alpha_warmup_steps)
+    _, evaluate, grad_norms = _cell_functions(cell.model, ramp)
+    grad_steps = {int(t) for t in c.study.grad_steps if int(t) < total}
+
+    def fn(params, step) -> dict:
+        out = {"val_loss": training.mean_over_batches(lambda b: evaluate(params, b, step), val_batches)}
+        alpha = alpha_record(cell, params, step, ramp)
+        out.update(_numbered("alpha", alpha) if isinstance(alpha, list) else {} if alpha is None else {"alpha": alpha})
+        if step in grad_steps:
+            batch = {k: jnp.asarray(v) for k, v in training.host_batch(corpus, c.data, step, int(c.seed)).items()}
+            out.update(_numbered("grad_norm", np.asarray(grad_norms(params, batch, step))))
+        return out
+
+    return fn
+
+
+def cell_run_config(cell: Cell, config) -> ml_collections.ConfigDict:
+    """What trains ``cell`` as a config for ``training.run_loop`` (stored in the cell's run directory): the
+    seed, data, train and parallel sections, the cell's optimizer (:func:`cell_optim`) and the cell itself."""
+    cell_dict = json.loads(json.dumps(dataclasses.asdict(cell), default=str))
+    return ml_collections.ConfigDict(dict(
+        experiment="init_study_cell", seed=int(config.seed), data=config.data.to_dict(),
+        optim=cell_optim(cell, config).to_dict(), train=config.train.to_dict(), parallel=config.parallel.to_dict(),
+        cell=cell_dict))
+
+
+def cell_record(cell: Cell, config, workdir: str, diverged_at: int | None) -> dict:
+    """A cell's record (module docstring) from the metrics log of its run: evaluations (records without a
+    training ``loss``) and training losses, the last line of each step."""
+    total, ramp = int(config.train.steps), int(config.train.alpha_warmup_steps)
+    evals, losses = {}, {}
+    for r in metrics_lib.read_metrics(workdir):
+        (losses if "loss" in r else evals)[str(r["step"])] = r
+    record: dict[str, Any] = {"name": cell.name, **cell.settings, "steps": total, "alpha_ramp_steps": ramp}
+    steps = sorted(evals, key=int)
+    record["val_loss"] = {t: evals[t]["val_loss"] for t in steps}
+    record["alpha"] = {t: evals[t].get("alpha", _unnumbered(evals[t], "alpha")) for t in steps}
+    record["grad_norm_per_layer"] = {t: _unnumbered(evals[t], "grad_norm") for t in steps
+                                     if _unnumbered(evals[t], "grad_norm") is not None}
+    vals = record["val_loss"]
+    initial, final = vals["0"], vals.get(str(total), float("nan"))
+    record.update(
+        train_loss={t: losses[t]["loss"] for t in sorted(losses, key=int)}, initial_val_loss=initial,
+        final_val_loss=final, best_val_loss=min((v for v in vals.values() if math.isfinite(v)), default=float("nan")),
+        diverged=bool(diverged_at is not None or not math.isfinite(final) or final > initial), diverged_at=diverged_at)
+    return record
+
+
+def run_cell(cell: Cell, config, corpus, val_batches, workdir: str, *, stop_after: int | None = None) -> dict:
+    """Train one cell for ``config.train.steps`` steps as a ``training.Phase`` run by ``training.run_loop`` in
+    ``workdir`` (one device; checkpoints every ``train.checkpoint_every`` steps, so a cell in progress resumes
+    from its last one); returns its record. A non-finite loss ends the cell as diverged (``diverged_at``).
+    ``stop_after``: stop after this many steps, as a killed run would (tests)."""
+    c, total, ramp = config, int(config.train.steps), int(config.train.alpha_warmup_steps)
+    optim = cell_optim(cell, c)
+    tx, (loss_fn, _, _) = _cell_optimizer(tuple(sorted(optim.items())), total), _cell_functions(cell.model, ramp)
     start = time.time()
     tokens = jnp.zeros((1, c.data.seq_len), jnp.int32)
     params = Transformer(cell.model).init(jax.random.PRNGKey(int(c.seed)), tokens)["params"]  # eager: fast
     if not cell.truncation_correction:
         params = uncorrect_truncation(params)
-    record: dict[str, Any] = {"name": cell.name, **cell.settings, "steps": total, "alpha_ramp_steps": ramp,
-                              "val_loss": {}, "grad_norm_per_layer": {}, "alpha": {}}
-    if cell.entropy:
-        record.update(attention_entropy(cell.model, params, jnp.asarray(val_batches[0]["inputs"])))
-    opt_state = tx.init(params)
-    eval_steps = sorted(set(range(0, total + 1, int(c.train.eval_every))) | {total})
-    grad_steps = set(int(t) for t in s.grad_steps)
-
-    def evaluate(p, t) -> float:
-        tot = cnt = 0.0
-        for vb in val_batches:
-            a, b = eval_fn(p, vb, t)
-            tot, cnt = tot + float(a), cnt + float(b)
-        return tot / max(cnt, 1.0)
-
-    lr, warmup = jnp.float32(cell.lr), jnp.float32(cell.warmup)
+    entropy = attention_entropy(cell.model, params, jnp.asarray(val_batches[0]["inputs"])) if cell.entropy else {}
+    phase = training.Phase(
+        tx=tx, start=0, end=total, workdir=workdir, name=cell.name,
+        state=training.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), loss_fn=loss_fn,
+        batch_fn=lambda t: training.host_batch(corpus, c.data, t, int(c.seed)),
+        evaluators={"cell": cell_evaluator(cell, c, corpus, val_batches)},
+        eval_steps=tuple(int(t) for t in c.study.grad_steps), schedule=training.make_schedule(optim, total))
     diverged_at = None
-    train_losses = {}
-    for t in range(total + 1):
-        if t in eval_steps:
-            v = evaluate(params, t)
-            record["val_loss"][str(t)] = v
-            record["alpha"][str(t)] = alpha_record(cell, params, t, ramp)
-            if not math.isfinite(v):
-                diverged_at = t
-                break
-        if t == total:
-            break
-        batch = {k: jnp.asarray(v) for k, v in training.host_batch(corpus, c.data, t, int(c.seed)).items()}
-        params, opt_state, loss, norms = step_fn(params, opt_state, batch, jnp.int32(t), lr, warmup)
-        if t in grad_steps:
-            record["grad_norm_per_layer"][str(t)] = [float(x) for x in np.asarray(norms)]
-        if t % int(c.train.log_every) == 0:
-            train_losses[str(t)] = float(loss)
-            if not math.isfinite(train_losses[str(t)]):
-                diverged_at = t
-                break
-    vals = record["val_loss"]
-    initial = vals["0"]
-    final = vals.get(str(total), float("nan"))
-    record.update(
-        train_loss=train_losses, initial_val_loss=initial, final_val_loss=final,
-        best_val_loss=min((v for v in vals.values() if math.isfinite(v)), default=float("nan")),
-        diverged=bool(diverged_at is not None or not math.isfinite(final) or final > initial),
-        diverged_at=diverged_at, seconds=round(time.time() - start, 1))
-    return record
+    try:
+        training.run_loop(phase, cell_run_config(cell, c), parallel.make_mesh(1), stop_after=stop_after)
+    except training.NonFiniteLoss as e:
+        diverged_at = e.step
+        training.say(f"[{cell.name}] diverged: {e}")
+    return {**cell_record(cell, c, workdir, diverged_at), **entropy, "seconds": round(time.time() - start, 1)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -536,8 +572,10 @@ def run(config, workdir: str) -> dict:
             continue
         if config.study.report_only:
             continue
-        rec = run_cell(cell, config, corpus, val_batches)
+        run_dir = os.path.splitext(path)[0]  # the cell's checkpoints and metrics while it trains
+        rec = run_cell(cell, config, corpus, val_batches, run_dir)
         reporting.write_json_atomic(path, rec, indent=None)
+        shutil.rmtree(run_dir, ignore_errors=True)  # the record is what a rerun reuses
         records.append(rec)
         write_reports(records, config, workdir, with_plot=False, unigram=unigram)  # a cut-short run keeps them
         print(f"[{i + 1}/{len(cells)} {time.time() - t0:.0f}s] {cell.name}: final val {rec['final_val_loss']:.4f}"

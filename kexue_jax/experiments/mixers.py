@@ -19,9 +19,13 @@ For every mixer of ``study.mixers`` (``attention`` is the reference):
    labels of ``kexue_jax.analytic``; mean-pooled final states over the line's bytes + a linear layer) is
    fine-tuned from the MLM encoder and, with the same budget, from scratch; test accuracy of both.
 
+Every arm trains through ``training``'s one loop: the pre-training with ``training.run_phase`` (the language
+model phase), each fine-tune as a ``training.Phase`` of its own (:func:`finetune`: ``training.make_optimizer``,
+batches addressed by step) run by ``training.run_loop``.
 Positions: ``attention`` uses RoPE, the other mixers none (their token matrices, kernels or DFT phases carry
 position; FNet and conv run at any length). Outputs in the workdir: ``report.json``, ``table.md``,
-``mixers.png`` and one sub-directory per pre-training arm (metrics, checkpoints: a killed study resumes).
+``mixers.png`` and one sub-directory per pre-training arm (metrics, checkpoints: a killed study resumes), with
+``genre_pretrained/`` and ``genre_scratch/`` for its fine-tunes.
 """
 from __future__ import annotations
 
@@ -220,48 +224,67 @@ def genre_lines(study, seed: int) -> dict:
     return {"train": tr, "test": te, "majority": float(np.mean(te[2] == np.bincount(tr[2]).argmax()))}
 
 
-def finetune(cfg: TransformerConfig, encoder_params, data: dict, study, key) -> float:
-    """Fine-tune mean-pooled encoder + linear classifier (3 genres) for ``ft_steps``; test accuracy.
-    ``encoder_params`` None: the encoder starts from its random init (the scratch arm)."""
-    enc_cfg = cfg.replace(head="none")
-    model = Transformer(enc_cfg)
-    k_init, k_cls = jax.random.split(key)
+def genre_config(config) -> ml_collections.ConfigDict:
+    """The config of a genre fine-tune (a ``training.run_loop`` phase): ``study.ft_*`` as optim / train / data
+    fields. AdamW (``training.make_optimizer``, no clipping, b2 0.999, weight decay 0.01 on matrices) at
+    ``ft_lr`` with a linear warmup over a tenth of the steps and a cosine decay to 0; the test accuracy at the
+    end; seed ``config.seed`` + 11 (the init key and the batches)."""
+    s = config.study
+    return ml_collections.ConfigDict(dict(
+        experiment="mixers_genre", seed=int(config.seed) + 11,
+        optim=dict(lr=float(s.ft_lr), warmup_steps=max(1, s.ft_steps // 10), schedule="cosine", min_lr_ratio=0.0,
+                   weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=None),
+        train=dict(steps=int(s.ft_steps), log_every=max(1, s.ft_steps // 4), eval_every=int(s.ft_steps),
+                   checkpoint_every=int(s.ft_steps), keep_checkpoints=1),
+        data=dict(batch_size=int(s.ft_batch), seq_len=int(s.ft_seq_len)),
+        parallel=config.parallel.to_dict()))
+
+
+def genre_logits(model: Transformer, params, ids, real):
+    """Mean-pooled final states over the line's bytes (``real`` = 1), then the linear classifier."""
+    h = model.apply({"params": params["encoder"]}, ids)
+    pooled = jnp.sum(h * real[..., None], 1) / jnp.maximum(jnp.sum(real, 1, keepdims=True), 1.0)
+    return pooled @ params["cls"]["kernel"] + params["cls"]["bias"]
+
+
+def finetune(cfg: TransformerConfig, encoder_params, data: dict, config, workdir: str, mesh) -> float:
+    """Fine-tune the mean-pooled encoder + a linear classifier (3 genres) for ``study.ft_steps`` steps, a
+    ``training.Phase`` run by ``training.run_loop`` in ``workdir`` (:func:`genre_config`; resumable); returns
+    its test accuracy. ``encoder_params`` None: the encoder starts from its random init (the scratch arm)."""
+    fc = genre_config(config)
+    model = Transformer(cfg.replace(head="none"))
+    k_init, k_cls = jax.random.split(jax.random.PRNGKey(fc.seed))
     if encoder_params is None:
-        encoder_params = model.init(k_init, jnp.zeros((1, study.ft_seq_len), jnp.int32))["params"]
+        encoder_params = model.init(k_init, jnp.zeros((1, fc.data.seq_len), jnp.int32))["params"]
     num = len(analytic.GENRES)
-    params = {"encoder": encoder_params,
+    params = {"encoder": jax.tree_util.tree_map(jnp.array, encoder_params),
               "cls": {"kernel": jax.random.normal(k_cls, (cfg.d_model, num)) / math.sqrt(cfg.d_model),
                       "bias": jnp.zeros((num,))}}
-
-    def logits_fn(p, ids, real):
-        h = model.apply({"params": p["encoder"]}, ids)
-        pooled = jnp.sum(h * real[..., None], 1) / jnp.maximum(jnp.sum(real, 1, keepdims=True), 1.0)
-        return pooled @ p["cls"]["kernel"] + p["cls"]["bias"]
-
-    def loss_fn(p, ids, real, y):
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits_fn(p, ids, real), y))
-
-    sched = optax.warmup_cosine_decay_schedule(0.0, study.ft_lr, max(1, study.ft_steps // 10), study.ft_steps)
-    tx = optax.adamw(sched, weight_decay=0.01)
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(p, o, ids, real, y):
-        g = jax.grad(loss_fn)(p, ids, real, y)
-        u, o = tx.update(g, o, p)
-        return optax.apply_updates(p, u), o
-
+    tx = training.make_optimizer(fc.optim, fc.train.steps)
     ids, real, y = data["train"]
-    rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2 ** 30)))
-    for _ in range(study.ft_steps):
-        idx = rng.integers(0, len(y), study.ft_batch)
-        params, opt = step(params, opt, ids[idx], real[idx], y[idx])
-    predict = jax.jit(lambda p, i, r: jnp.argmax(logits_fn(p, i, r), -1))
-    ti, tr, ty = data["test"]
-    correct = 0
-    for s in range(0, len(ty), 256):
-        correct += int(np.sum(np.asarray(predict(params, ti[s:s + 256], tr[s:s + 256])) == ty[s:s + 256]))
-    return correct / len(ty)
+
+    def loss_fn(p, batch, key, step):
+        logits = genre_logits(model, p, batch["ids"], batch["real"])
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"])), {}
+
+    def batch_fn(step):
+        idx = data_lib.batch_rng(fc.seed, step).integers(0, len(y), fc.data.batch_size)
+        return {"ids": ids[idx], "real": real[idx], "y": y[idx]}
+
+    predict = jax.jit(lambda p, i, r: jnp.argmax(genre_logits(model, p, i, r), -1))
+
+    def accuracy(p, step) -> dict:
+        p, (ti, tr, ty) = jax.device_get(p), data["test"]
+        correct = sum(int(np.sum(np.asarray(predict(p, ti[s:s + 256], tr[s:s + 256])) == ty[s:s + 256]))
+                      for s in range(0, len(ty), 256))
+        return {"test_accuracy": correct / len(ty)}
+
+    phase = training.Phase(
+        tx=tx, start=0, end=fc.train.steps, workdir=workdir, name=os.path.basename(workdir),
+        state=training.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), loss_fn=loss_fn,
+        batch_fn=batch_fn, evaluators={"test": accuracy}, eval_at_start=False,
+        schedule=training.make_schedule(fc.optim, fc.train.steps))
+    return training.run_loop(phase, fc, mesh).history[-1]["test_accuracy"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,6 +310,10 @@ def validate(config) -> TransformerConfig:
             raise ValueError(f"config.study.{name} must be a positive integer, got {s[name]!r}")
     if s.ft_seq_len > base.max_len:
         raise ValueError(f"config.study.ft_seq_len must be <= model.max_len={base.max_len}")
+    devices = training.build_mesh(config).size
+    if s.ft_batch % devices:
+        raise ValueError(f"config.study.ft_batch must be a multiple of the {devices} devices of the mesh, "
+                         f"got {s.ft_batch}")
     for m in s.mixers:  # every model the study builds must be a valid config
         for o in s.objectives:
             if not (o == "lm" and m in BIDIRECTIONAL_ONLY):
@@ -310,11 +337,12 @@ def run(config, workdir: str) -> dict:
     for mixer, objective in arms(study):
         cfg = mixer_config(base, mixer, objective, target)
         print(f"== {mixer} / {objective}: d_ff {cfg.d_ff}, {param_count(cfg):,} params", flush=True)
-        row, params = pretrain(config, cfg, objective, os.path.join(workdir, f"{mixer}_{objective}"), corpus, mesh)
+        arm = os.path.join(workdir, f"{mixer}_{objective}")
+        row, params = pretrain(config, cfg, objective, arm, corpus, mesh)
         results["arms"].append(row)
         if objective == "mlm" and data is not None:  # task transfer right away: partial runs keep it
-            key = jax.random.PRNGKey(int(config.seed) + 11)
-            pre, scratch = finetune(cfg, params, data, study, key), finetune(cfg, None, data, study, key)
+            pre = finetune(cfg, params, data, config, os.path.join(arm, "genre_pretrained"), mesh)
+            scratch = finetune(cfg, None, data, config, os.path.join(arm, "genre_scratch"), mesh)
             results["transfer"].append({"mixer": mixer, "pretrained": pre, "scratch": scratch})
             print(f"   genre accuracy {mixer}: pre-trained {pre:.4f}, scratch {scratch:.4f}", flush=True)
         _write(results, workdir)

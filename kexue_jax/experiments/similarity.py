@@ -21,7 +21,12 @@ Study (``configs/similarity.py:study`` / ``:study_cpu``): every loss of ``study.
 seeds, the softmax head with |u-v| only and (u, v) only, then the retrieval distillation (lambda = 100) of
 the teacher (``study.teacher_loss``, seed 0) into (a) a fresh copy of MiniLM and (b) its first three
 layers, on the training sentences. Each finished run writes ``runs/NAME/result.json`` and is skipped when
-the study is rerun, so a killed study resumes at run granularity.
+the study is rerun (its checkpoints are then deleted).
+
+Training: every fine-tune and distillation is a ``training.Phase`` (:func:`train_run`: the pair or
+distillation loss, batches of :func:`epoch_rows` addressed by step, dev Spearman as its evaluator, each
+evaluated state checkpointed for the model selection) run by ``training.run_loop``, the loop of every job:
+a killed or preempted (SIGTERM, Ctrl-C: the current step is saved) run resumes bitwise from its checkpoint.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import dataclasses
 import functools
 import json
 import math
-import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -42,7 +47,6 @@ import optax
 
 from kexue_jax import config as config_lib
 from kexue_jax import hf
-from kexue_jax import metrics as metrics_lib
 from kexue_jax import reporting
 from kexue_jax import similarity
 from kexue_jax import training
@@ -252,95 +256,73 @@ def make_tx(optim, steps: int, has_head: bool, head_lr_mult: float) -> optax.Gra
                                  {"encoder": "encoder", "head": "head"})
 
 
-def make_step(loss_fn: Callable, tx: optax.GradientTransformation):
-    """Jitted step(params, opt_state, batch, rng) -> (params, opt_state, loss) of loss_fn(params, batch, rng)."""
-    def step(params, opt_state, batch, rng):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-    return jax.jit(step, donate_argnums=(0, 1))
-
-
 def pair_loss_fn(cfg: TransformerConfig, loss: str, parts: tuple[str, ...], cosent_scale: float,
-                 mnrl_scale: float) -> Callable:
-    """loss(params, batch, rng) of ``similarity.pair_loss(loss, ...)`` on a pair batch (``pair_batch``)."""
-    def loss_fn(params, batch, rng):
+                 mnrl_scale: float) -> training.LossFn:
+    """The ``training.LossFn`` of ``similarity.pair_loss(loss, ...)`` on a pair batch (``pair_batch``): a mean
+    over the batch (no count); dropout with the step's key."""
+    def loss_fn(params, batch, key, step):
         vecs = similarity.sentence_vectors(cfg, params["encoder"], batch["ids"], batch["valid"],
-                                           rng=rng if cfg.dropout_rate > 0 else None)
+                                           rng=key if cfg.dropout_rate > 0 else None)
         n = batch["scores"].shape[0]
-        return similarity.pair_loss(loss, u=vecs[:n], v=vecs[n:], scores=batch["scores"],
-                                    binary=batch["binary"], labels=batch["labels"], head_params=params.get("head"),
-                                    parts=parts, cosent_scale=cosent_scale, mnrl_scale=mnrl_scale)
+        return similarity.pair_loss(loss, u=vecs[:n], v=vecs[n:], scores=batch["scores"], binary=batch["binary"],
+                                    labels=batch["labels"], head_params=params.get("head"), parts=parts,
+                                    cosent_scale=cosent_scale, mnrl_scale=mnrl_scale), {}
     return loss_fn
 
 
-def distill_loss_fn(cfg: TransformerConfig, lam: float) -> Callable:
-    """loss(params, batch, rng): ``similarity.retrieval_distillation_loss`` of the student's vectors of
-    batch["ids"] against the teacher's batch["teacher"]."""
-    def loss_fn(params, batch, rng):
+def distill_loss_fn(cfg: TransformerConfig, lam: float) -> training.LossFn:
+    """The ``training.LossFn`` of ``similarity.retrieval_distillation_loss``: the student's vectors of
+    batch["ids"] against the teacher's batch["teacher"] (a mean; dropout with the step's key)."""
+    def loss_fn(params, batch, key, step):
         vecs = similarity.sentence_vectors(cfg, params["encoder"], batch["ids"], batch["valid"],
-                                           rng=rng if cfg.dropout_rate > 0 else None)
-        return similarity.retrieval_distillation_loss(batch["teacher"], vecs, lam)
+                                           rng=key if cfg.dropout_rate > 0 else None)
+        return similarity.retrieval_distillation_loss(batch["teacher"], vecs, lam), {}
     return loss_fn
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_step(cfg: TransformerConfig, loss: tuple, optim_items: tuple, steps: int, has_head: bool,
-                  head_lr_mult: float):
-    """(tx, jitted step) for ``loss`` = ("distill", lambda) or (pair loss name, parts, cosent scale, mnrl
-    scale); cached so that runs differing only in seed (data order, dropout, head init) share one
-    compilation."""
+def optimizer_and_loss(cfg: TransformerConfig, loss: tuple, optim_items: tuple, steps: int, has_head: bool,
+                       head_lr_mult: float):
+    """(tx, loss_fn) for ``loss`` = ("distill", lambda) or (pair loss name, parts, cosent scale, mnrl scale);
+    cached, so that runs differing only in seed (data order, dropout, head init) get the same functions and
+    share one compilation of the step (``training.make_step`` is cached on them)."""
     optim = ml_collections.ConfigDict(dict(optim_items))
     loss_fn = distill_loss_fn(cfg, *loss[1:]) if loss[0] == "distill" else pair_loss_fn(cfg, *loss)
-    tx = make_tx(optim, steps, has_head, head_lr_mult)
-    return tx, make_step(loss_fn, tx)
+    return make_tx(optim, steps, has_head, head_lr_mult), loss_fn
 
 
-def train_loop(config, *, cfg, params, loss: tuple, num_examples: int, batch_fn: Callable[[np.ndarray], dict],
-               evaluate: Callable[[Any], float], seed: int, workdir, name: str = "",
-               lengths: np.ndarray | None = None) -> tuple[dict, Any]:
-    """``config.train.steps`` steps of ``loss`` (see ``compiled_step``) on batches ``batch_fn(rows)``;
-    ``evaluate(encoder params)`` (dev Spearman) every ``train.eval_every`` steps and at the end; the best
-    evaluation is kept; ``lengths`` [num_examples] groups batches by length when ``data.group_by_length``.
-    Returns (record, best encoder params as numpy)."""
-    steps, every = int(config.train.steps), int(config.train.eval_every)
-    tx, step_fn = compiled_step(cfg, loss, tuple(sorted(config.optim.items())), steps, "head" in params,
-                                float(config.sim.head_lr_mult))
+def train_run(config, *, cfg, params, loss: tuple, num_examples: int, batch_fn: Callable[[np.ndarray], dict],
+              evaluate: Callable[[Any], float], workdir, name: str = "",
+              lengths: np.ndarray | None = None) -> tuple[dict, Any]:
+    """``config.train.steps`` steps of ``loss`` (:func:`optimizer_and_loss`) on the batches ``batch_fn(rows)``
+    of :func:`epoch_rows` (``lengths`` [num_examples] groups them by length when ``data.group_by_length``),
+    as a ``training.Phase`` run by ``training.run_loop`` in ``workdir`` (key of ``config.seed``; checkpoints:
+    a killed or preempted run resumes bitwise). ``evaluate(encoder params)`` (dev Spearman) runs every
+    ``train.eval_every`` steps and at the end (not at step 0); every evaluated state is kept and the best
+    evaluation (the first of equals) selects the model. Returns (record, its encoder params as numpy)."""
+    steps, seed = int(config.train.steps), int(config.seed)
+    tx, loss_fn = optimizer_and_loss(cfg, loss, tuple(sorted(config.optim.items())), steps, "head" in params,
+                                     float(config.sim.head_lr_mult))
     params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the step donates its input
-    opt_state = tx.init(params)
-    key = jax.random.key(seed)
-    writer = metrics_lib.MetricWriter(workdir, tensorboard=False)
-    curve, best, best_step, best_params = [], -math.inf, 0, None
-    losses, t0 = [], time.time()
-    tag = f"[{name}] " if name else ""
-    try:
-        for t in range(steps):
-            batch = batch_fn(epoch_rows(num_examples, config.data.batch_size, t, seed,
-                                        lengths if config.data.group_by_length else None))
-            params, opt_state, loss = step_fn(params, opt_state, batch, jax.random.fold_in(key, t))
-            losses.append(loss)
-            done = t + 1
-            if done % config.train.log_every == 0 or done == steps:
-                mean = float(np.mean(jax.device_get(losses)))
-                losses = []
-                if not math.isfinite(mean):
-                    raise training.NonFiniteLoss(f"{tag}non-finite loss before step {done}")
-                writer.write(done, {"loss": mean})
-                print(f"{tag}step {done}/{steps} loss {mean:.4f} "
-                      f"({metrics_lib.format_duration(time.time() - t0)})", flush=True)
-            if done % every == 0 or done == steps:
-                score = evaluate(params["encoder"])
-                writer.write(done, {"dev_spearman": score})
-                curve.append([done, round(score, 3)])
-                print(f"{tag}step {done}: dev Spearman {score:.2f}", flush=True)
-                if score > best:
-                    best, best_step = score, done
-                    best_params = jax.tree_util.tree_map(np.asarray, params["encoder"])
-    finally:
-        writer.close()
-    record = {"dev_spearman": round(best, 3), "best_step": best_step, "dev_curve": curve,
+    group = lengths if config.data.group_by_length else None
+    phase = training.Phase(
+        tx=tx, start=0, end=steps, workdir=str(workdir), name=name,
+        state=training.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), loss_fn=loss_fn,
+        batch_fn=lambda t: batch_fn(epoch_rows(num_examples, config.data.batch_size, t, seed, group)),
+        evaluators={"dev": lambda p, t: {"dev_spearman": evaluate(jax.device_get(p["encoder"]))}},
+        eval_at_start=False, keep_evaluated=True, schedule=training.make_schedule(config.optim, steps))
+    t0 = time.time()
+    result = training.run_loop(phase, config, training.build_mesh(config))
+    scored = [h for h in result.history if math.isfinite(h["dev_spearman"])]
+    if not scored:
+        raise training.NonFiniteLoss(f"[{name}] no finite dev Spearman in {workdir}")
+    best = max(scored, key=lambda h: h["dev_spearman"])
+    state = (result.state if best["step"] == int(jax.device_get(result.state.step))
+             else training.restore_step(str(workdir), result.state, best["step"]))
+    record = {"dev_spearman": round(best["dev_spearman"], 3), "best_step": best["step"],
+              "dev_curve": [[h["step"], round(h["dev_spearman"], 3)] for h in result.history],
               "seconds": round(time.time() - t0, 1)}
-    return record, best_params
+    return record, jax.device_get(state.params["encoder"])
 
 
 @dataclasses.dataclass
@@ -375,9 +357,18 @@ def setup(config) -> Setup:
     return Setup(cfg, params, model_dir, tok, train, dev, test, eval_len, zero)
 
 
+def with_seed(config, seed: int):
+    """A copy of ``config`` with ``seed``: the config a run of that seed trains (and stores) under."""
+    c = config.copy_and_resolve_references()
+    c.seed = int(seed)
+    return c
+
+
 def finetune(config, s: Setup, workdir, *, seed: int, name: str = "", save: bool = True) -> dict:
-    """One fine-tune of ``config.sim.loss`` from ``s.params``: dev selection, test at the selected step,
-    probe, and (save=True) the selected model in ``workdir/model``. Returns the record."""
+    """One fine-tune of ``config.sim.loss`` from ``s.params`` under ``workdir`` (``train_run``: resumable),
+    seed ``seed`` (data order, dropout, head init): dev selection, test at the selected step, probe, and
+    (save=True) the selected model in ``workdir/model``. Returns the record."""
+    config = with_seed(config, seed)
     sim, d = config.sim, config.data
     data = encode_train(s.tokenizer, s.train, sim, d.max_len)
     rows = np.arange(len(s.train))
@@ -386,13 +377,12 @@ def finetune(config, s: Setup, workdir, *, seed: int, name: str = "", save: bool
     params = {"encoder": s.params}
     if sim.loss == "softmax":
         params["head"] = similarity.head_init(jax.random.key(seed + 10_007), s.cfg.d_model, tuple(sim.parts))
-    record, best = train_loop(
+    record, best = train_run(
         config, cfg=s.cfg, params=params, num_examples=len(rows),
         loss=(sim.loss, tuple(sim.parts), float(sim.cosent_scale), float(sim.mnrl_scale)),
         batch_fn=lambda r: pair_batch(data, rows[r], d.max_len, d.bucket),
         evaluate=lambda p: sts_spearman(s.cfg, p, s.tokenizer, s.dev, s.eval_max_len),
-        seed=seed, workdir=workdir, name=name,
-        lengths=pair_lengths(data)[rows])
+        workdir=workdir, name=name, lengths=pair_lengths(data)[rows])
     record.update(loss=sim.loss, parts=list(sim.parts), seed=seed, train_examples=int(len(rows)),
                   test_spearman=round(sts_spearman(s.cfg, best, s.tokenizer, s.test, s.eval_max_len), 3),
                   probe=probe(s.cfg, best, s.tokenizer, s.eval_max_len))
@@ -406,14 +396,15 @@ def finetune(config, s: Setup, workdir, *, seed: int, name: str = "", save: bool
 def distill(config, s: Setup, teacher: tuple[TransformerConfig, dict], workdir, *, num_layers: int,
             seed: int, name: str) -> dict:
     """Retrieval distillation of ``teacher`` into MiniLM's first ``num_layers`` layers (the original
-    weights) on the training sentences; model selection on dev. Returns the record."""
+    weights) on the training sentences, seed ``seed``, under ``workdir`` (``train_run``: resumable); model
+    selection on dev. Returns the record."""
     dc = config.study.distill
     sentences = sorted(set(s.train.a) | set(s.train.b))
     teacher_vecs = encode_vectors(*teacher, s.tokenizer, sentences, s.eval_max_len)
     ids = [e[0] for e in hf.encode_texts(s.tokenizer, sentences, config.data.max_len)]
     cfg, params = first_layers(s.cfg, s.params, num_layers)
     student_zero = round(sts_spearman(cfg, params, s.tokenizer, s.test, s.eval_max_len), 3)
-    dconfig = config.copy_and_resolve_references()
+    dconfig = with_seed(config, seed)
     dconfig.train.steps, dconfig.optim.lr = int(dc.steps), float(dc.lr)
     dconfig.optim.warmup_steps = min(int(dconfig.optim.warmup_steps), int(dc.steps))
     dconfig.data.batch_size = int(dc.batch_size)
@@ -422,11 +413,11 @@ def distill(config, s: Setup, teacher: tuple[TransformerConfig, dict], workdir, 
         b_ids, valid = pad_ids([ids[i] for i in rows], config.data.max_len, config.data.bucket)
         return {"ids": b_ids, "valid": valid, "teacher": teacher_vecs[rows]}
 
-    record, best = train_loop(
+    record, best = train_run(
         dconfig, cfg=cfg, params={"encoder": params}, loss=("distill", float(dc.lam)),
         num_examples=len(sentences), batch_fn=batch_fn,
         evaluate=lambda p: sts_spearman(cfg, p, s.tokenizer, s.dev, s.eval_max_len),
-        seed=seed, workdir=workdir, name=name, lengths=np.array([len(x) for x in ids]))
+        workdir=workdir, name=name, lengths=np.array([len(x) for x in ids]))
     record.update(num_layers=num_layers, lam=float(dc.lam), sentences=len(sentences),
                   student_zero_shot_test_spearman=student_zero,
                   test_spearman=round(sts_spearman(cfg, best, s.tokenizer, s.test, s.eval_max_len), 3))
@@ -467,6 +458,15 @@ def validate(config) -> None:
         config_lib._positive_int(config, field)
     if d.max_len < 2:
         fail("data.max_len", "an integer >= 2", d.max_len)
+    if config.parallel.mode != "sharded":
+        fail("parallel.mode", "'sharded' (the losses compare the pairs of a whole batch)", config.parallel.mode)
+    try:
+        devices = training.build_mesh(config).size
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.{e}") from None
+    if d.batch_size % devices:
+        fail("data.batch_size", f"a multiple of the {devices} devices of the mesh (each batch is split over them)",
+             d.batch_size)
     if not 0 <= config.optim.warmup_steps <= config.train.steps:
         fail("optim.warmup_steps", f"in [0, train.steps={config.train.steps}]", config.optim.warmup_steps)
     if config.optim.schedule not in config_lib.SCHEDULES:
@@ -490,6 +490,9 @@ def validate(config) -> None:
         for field in ("steps", "batch_size"):
             if study.distill[field] < 1:
                 fail(f"study.distill.{field}", "a positive integer", study.distill[field])
+        if study.distill.batch_size % devices:
+            fail("study.distill.batch_size", f"a multiple of the {devices} devices of the mesh",
+                 study.distill.batch_size)
         if any(not 1 <= n <= 6 for n in study.distill.student_layers):
             fail("study.distill.student_layers", "layer counts in [1, 6]", study.distill.student_layers)
 
@@ -498,8 +501,8 @@ def run(config, workdir: str) -> dict:
     """``python train.py --config=configs/similarity.py[:variant]``: one fine-tune, or the study when
     ``config.study.enabled``. Writes ``report.json`` in ``workdir`` and returns it."""
     validate(config)
-    os.makedirs(workdir, exist_ok=True)
-    (Path(workdir) / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    training.check_resume(config, workdir)
+    training.store_config(config, workdir)  # process 0, the first time only: the run's reference
     if config.study.enabled:
         return run_study(config, workdir)
     t0 = time.time()
@@ -520,7 +523,9 @@ def _write_report(workdir, report: dict) -> None:
 
 
 def _cached(path: Path, fn: Callable[[], dict]) -> dict:
-    """Run fn and store its record at path, or load the stored record (a rerun skips finished runs)."""
+    """Run fn and store its record at path, or load the stored record (a rerun skips finished runs). Once the
+    record is stored, the run's checkpoints (``path.parent/checkpoints``: every evaluated state, model and Adam
+    moments) are deleted: the record is what the study reuses, a run in progress resumes from them."""
     if path.is_file():
         record = json.loads(path.read_text())
         print(f"reusing {path}", flush=True)
@@ -528,6 +533,7 @@ def _cached(path: Path, fn: Callable[[], dict]) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     record = fn()
     reporting.write_json_atomic(path, record, indent=2, newline=True)  # a kill mid-write leaves no half record
+    shutil.rmtree(path.parent / "checkpoints", ignore_errors=True)
     return record
 
 

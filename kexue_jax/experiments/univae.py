@@ -3,9 +3,11 @@
 Data: Shakespeare's spoken lines (speaker-name lines dropped) of at most ``src_len - 2`` bytes, each as
 ``[CLS] bytes [SEP] PAD...`` (fixed length ``src_len``), or the lines of ``data.path`` (a file, folder or
 glob of UTF-8 text); train and held-out lines come from disjoint plays or files (``data.split_documents``;
-a single file holds out its last ``data.val_fraction`` of lines). Training: AdamW
-(``training.make_optimizer``), z ~ vMF(mu, kappa), batches a pure function of (seed, step), orbax
-checkpoints (a rerun resumes), metrics.jsonl / progress line / loss.png like every job. After training,
+a single file holds out its last ``data.val_fraction`` of lines). Training: a ``training.Phase``
+(:func:`univae_phase`: AdamW of ``training.make_optimizer``, z ~ vMF(mu, kappa), batches a pure function of
+(seed, step), the held-out reconstruction loss as its evaluator) run by ``training.run_loop``, the loop of
+every job: checkpoints (a rerun resumes bitwise), SIGTERM / Ctrl-C save the current step, metrics.jsonl /
+progress line / loss.png. After training,
 process 0 writes into the workdir:
 
 * ``samples.md``: 10 prior samples, 10 held-out reconstructions, and for 5 held-out lines 5 resamples of
@@ -43,12 +45,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from kexue_jax import checkpoint as ckpt_lib
 from kexue_jax import config as config_lib
 from kexue_jax import data as data_lib
 from kexue_jax import metrics as metrics_lib
+from kexue_jax import parallel
 from kexue_jax import reporting
 from kexue_jax import training
 from kexue_jax import univae as U
@@ -232,15 +234,13 @@ def state_init(cfg: U.UniVAEConfig, tx):
     return init_fn
 
 
-def make_train_step(cfg: U.UniVAEConfig, tx, seed: int):
-    def step(state: training.TrainState, tokens):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), state.step)
-        (s, n), grads = jax.value_and_grad(lambda p: U.loss_terms(p, cfg, tokens, key), has_aux=True)(state.params)
-        grads = jax.tree_util.tree_map(lambda g: g / n, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        return training.TrainState(state.step + 1, params, opt_state), {"loss": s / n}
-    return step
+def univae_loss(cfg: U.UniVAEConfig) -> training.LossFn:
+    """The phase loss: ``U.loss_terms`` of batch["x"] with z ~ vMF(mu, kappa) drawn with the step's key
+    (sum of the target tokens' NLL (+ VQ terms), {"count": target tokens})."""
+    def loss_fn(params, batch, key, step):
+        s, n = U.loss_terms(params, cfg, batch["x"], key)
+        return s, {"count": n}
+    return loss_fn
 
 
 def make_eval_step(cfg: U.UniVAEConfig):
@@ -249,90 +249,50 @@ def make_eval_step(cfg: U.UniVAEConfig):
     return lambda params, tokens: U.loss_terms(params, cfg, tokens, None, vq=False)
 
 
+def reconstruction_evaluator(cfg: U.UniVAEConfig, batches: list[np.ndarray], mesh):
+    """fn(params, step) -> {"val_loss": mean reconstruction NLL from mu (nats/token) of the held-out ``batches``}."""
+    jeval = jax.jit(make_eval_step(cfg))
+    sharding = parallel.batch_sharding(mesh)
+
+    def evaluate(params, step) -> dict:
+        return {"val_loss": training.mean_over_batches(
+            lambda b: jeval(params, data_lib.to_global({"x": b}, sharding)["x"]), batches)}
+
+    return evaluate
+
+
+def univae_phase(c, cfg: U.UniVAEConfig, tr: np.ndarray, va: np.ndarray, workdir: str, mesh) -> training.Phase:
+    """The UniVAE training as a ``training.Phase``: AdamW (``training.make_optimizer``), batches of
+    ``data.batch_size`` lines drawn by (seed, step) from ``tr``, the reconstruction loss of the first
+    ``train.eval_batches`` batches of ``va``. ``univae.init_from="minilm"``: the initial state holds
+    all-MiniLM-L6-v2's tensors (Adam's moments start at zero whatever the params)."""
+    tx = training.make_optimizer(c.optim, c.train.steps)
+    seed, bs = int(c.seed), c.data.batch_size
+    init_fn = state_init(cfg, tx)
+    state = None
+    if c.univae.init_from == "minilm":
+        state = jax.jit(init_fn)(jax.random.PRNGKey(seed))
+        state = state.replace(params=load_minilm(jax.device_get(state.params)))
+    n_eval = min(c.train.eval_batches, max(1, va.shape[0] // bs))
+    return training.Phase(
+        tx=tx, start=0, end=c.train.steps, workdir=workdir, init=None if state is not None else init_fn,
+        state=state, loss_fn=univae_loss(cfg), batch_fn=lambda t: {"x": host_batch(tr, t, seed, bs)},
+        evaluators={"reconstruction": reconstruction_evaluator(cfg, [va[i * bs:(i + 1) * bs] for i in range(n_eval)],
+                                                               mesh)},
+        tokens_per_step=bs * 2 * cfg.src_len, schedule=training.make_schedule(c.optim, c.train.steps))
+
+
 def train(c, workdir: str, *, stop_after: int | None = None):
-    """Train (or resume) under ``workdir``; returns (cfg, params, vocab, held-out lines)."""
+    """Train (or resume) under ``workdir`` with ``training.run_loop``; returns (cfg, params, vocab, held-out
+    lines). SIGTERM / Ctrl-C save the current step (``training.Preempted``)."""
     cfg, vocab = validate(c)
     tr_lines, va_lines = load_lines(c)
     tr, va = to_tokens(tr_lines, cfg.src_len, vocab), to_tokens(va_lines, cfg.src_len, vocab)
     mesh = training.build_mesh(c)
-    from kexue_jax import parallel  # noqa: PLC0415
-
-    tx = training.make_optimizer(c.optim, c.train.steps)
-    seed = int(c.seed)
-
-    init_fn = state_init(cfg, tx)
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(seed))
-    shardings = parallel.state_shardings(abstract, mesh)
-    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract, shardings)
-    os.makedirs(workdir, exist_ok=True)
-    primary = jax.process_index() == 0
-    writer = metrics_lib.MetricWriter(workdir, is_primary=primary)
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=c.train.keep_checkpoints)
-    state, resumed = (None, None)
-    if ckpt.latest_step() is not None:
-        state, resumed = ckpt.restore(target)
-    if state is None:
-        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(seed))
-        if c.univae.init_from == "minilm":  # Adam's moments start at zero whatever the params
-            state = state.replace(params=jax.device_put(load_minilm(state.params), shardings.params))
-        writer.write_config(config_lib.to_dict(c))
-    else:
-        training.say(f"resumed from step {resumed} ({ckpt.directory})")
-    sharding = parallel.batch_sharding(mesh)
-    jstep = jax.jit(make_train_step(cfg, tx, seed), donate_argnums=0, out_shardings=(shardings, None))
-    jeval = jax.jit(make_eval_step(cfg))
-    bs = c.data.batch_size
-    n_eval = min(c.train.eval_batches, max(1, va.shape[0] // bs))
-    val_batches = [va[i * bs:(i + 1) * bs] for i in range(n_eval)]
-
-    def evaluate(params):
-        tot = cnt = 0.0
-        for vb in val_batches:
-            s, n = jeval(params, data_lib.to_global({"x": vb}, sharding)["x"])
-            tot, cnt = tot + float(s), cnt + float(n)
-        return tot / cnt
-
-    progress = metrics_lib.ProgressLine(c.train.steps, tokens_per_step=bs * 2 * cfg.src_len)
-    step = int(jax.device_get(state.step))
-    if step == 0:
-        v = evaluate(state.params)
-        writer.write(0, {"val_loss": v})
-    pending, ran = None, 0
-    try:
-        while step < c.train.steps:
-            batch = data_lib.to_global({"x": host_batch(tr, step, seed, bs)}, sharding)["x"]
-            state, m = jstep(state, batch)
-            step += 1
-            ran += 1
-            if pending is not None:
-                t, pm = pending
-                loss = float(pm["loss"])
-                if not math.isfinite(loss):
-                    raise training.NonFiniteLoss(f"non-finite loss at step {t}; last good checkpoint "
-                                                 f"{ckpt.latest_step()} in {ckpt.directory}")
-                writer.write(t, {"loss": loss})
-                training.say(progress(t, {"loss": loss}))
-                pending = None
-            if step % c.train.log_every == 0 or step == c.train.steps:
-                pending = (step, m)
-            if step % c.train.eval_every == 0 or step == c.train.steps:
-                v = evaluate(state.params)
-                writer.write(step, {"val_loss": v})
-                training.say(f"step {step}: val_loss {v:.4f} (reconstruction NLL from mu, nats/token)")
-            if step % c.train.checkpoint_every == 0 or step == c.train.steps:
-                ckpt.save(step, state)
-            if stop_after is not None and ran >= stop_after:
-                break
-        if pending is not None:
-            writer.write(pending[0], {"loss": float(pending[1]["loss"])})
-    finally:
-        ckpt.wait()
-        ckpt.close()
-        writer.close()
-    if primary and c.train.plot:
+    result = training.run_loop(univae_phase(c, cfg, tr, va, workdir, mesh), c, mesh, stop_after=stop_after)
+    if jax.process_index() == 0 and c.train.plot:
         metrics_lib.plot_curves(workdir, os.path.join(workdir, "loss.png"))
-    return cfg, state.params, vocab, va_lines
+    return cfg, result.state.params, vocab, va_lines
 
 
 # ------------------------------------------------------------------------------------------------

@@ -209,6 +209,33 @@ def analyze(rows: list[dict]) -> dict:
     return {"results": results, "seeds": seeded, "b_final": b, "small_final": s}
 
 
+def other_b_curves(source: str) -> dict[int, list[dict]]:
+    """Seed -> arm B's validation curve in another sweep directory (e.g. the same widths under the other
+    parameterization), at that sweep's best seed-0 rate: a second baseline for this sweep's A runs."""
+    with open(os.path.join(source, "sweep.json")) as f:
+        bs = [r for r in json.load(f)["rows"] if r["name"].startswith(f"B/{MODEL}/") and r.get("curves")]
+    s0 = [r for r in bs if r["name"].endswith("/s0")]
+    if not s0:
+        raise SystemExit(f"--other-b {source}: no finished arm B run at seed 0 in its sweep.json")
+    rate = min(s0, key=lambda r: r["final_loss_scratch"])["name"].split("/")[2]
+    return {r["overrides"]["seed"]: r["curves"]["scratch (B)"] for r in bs if r["name"].split("/")[2] == rate}
+
+
+def against_other_b(results: list[dict], rows: list[dict], curves: dict[int, list[dict]]) -> None:
+    """Add to each A result its savings against the other baseline of the same seed (``vs_other_b``:
+    ``compute_saving_given_small``, ``compute_saving``, that B's final loss), computed by the job's own
+    ``compute_saving`` on A's curve, the small phase's FLOPs being A's FLOPs at the widening."""
+    from kexue_jax.experiments.upscale import compute_saving  # noqa: PLC0415 (jax only when asked)
+    by = {r["name"]: r for r in rows}
+    for res in results:
+        b, row = curves.get(res["seed"]), by[res["name"]]
+        if b is None:
+            continue
+        cs = compute_saving(row["curves"]["upscaled (A)"], b, small_flops=row["widen_flops"])
+        res["vs_other_b"] = {"compute_saving_given_small": cs["compute_saving_given_small"],
+                             "compute_saving": cs["compute_saving"], "target_loss": cs["target_loss"]}
+
+
 def _f(v, nd=3) -> str:
     return "—" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
 
@@ -235,13 +262,21 @@ def tables(an: dict) -> str:
                             f"{'never' if r['recovery_steps'] is None else round(r['recovery_steps'])}",
                             _f(r["loss_gap_at_equal_flops"], 4), _f(r["final_loss_upscaled"], 4),
                             _f(r["target_loss"], 4)] for r in an["results"]])]
+    other = [r for r in an["results"] if "vs_other_b" in r]
+    if other:
+        out += ["## Arm A against the other sweep's B (--other-b), at its best rate and the same seed", "",
+                markdown_table(["setting", "given small", "small counted", "target (other B)"],
+                               [[r["name"], _f(r["vs_other_b"]["compute_saving_given_small"], 2),
+                                 _f(r["vs_other_b"]["compute_saving"], 2), _f(r["vs_other_b"]["target_loss"], 4)]
+                                for r in other])]
     if an["seeds"]:
         out += ["## Seeds (mean ± sample std)", "",
                 markdown_table(["setting", "seeds", "given small", "small counted", "family", "forgetting rise",
-                                "gap at B's FLOPs", "target (B)"],
+                                "gap at B's FLOPs", "target (B)"] + (["given small vs other B"] if other else []),
                                [[lab, len(st["compute_saving"]["values"]), _ms(st["compute_saving_given_small"]),
                                  _ms(st["compute_saving"]), _ms(st["family_saving"]), _ms(st["forgetting_rise"], 3),
                                  _ms(st["loss_gap_at_equal_flops"], 4), _ms(st["target_loss"], 4)]
+                                + ([_ms(st["given_small_vs_other_b"])] if other else [])
                                 for lab, st in an["seeds"].items()])]
     return "\n".join(out)
 
@@ -298,6 +333,8 @@ def main(argv=None):
     ap.add_argument("--centre", default="", help="JSON: levels of the centre that differ from CENTRE")
     ap.add_argument("--merge", action="append", default=[], help="DIR=JSON: add the A rows of the sweep in DIR, "
                     "run around the centre JSON (its --centre), to the analysis (repeatable; duplicates are dropped)")
+    ap.add_argument("--other-b", default="", help="DIR: another sweep (e.g. the other parameterization); every A "
+                    "row is also compared with its B at its best rate and the same seed")
     ap.add_argument("--analyze-only", action="store_true")
     args = ap.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
@@ -357,6 +394,12 @@ def main(argv=None):
         have = {r["name"] for r in rows}
         rows = rows + [r for r in merged_rows(source, json.loads(centre or "{}")) if r["name"] not in have]
     an = analyze(rows)
+    if args.other_b:
+        against_other_b(an["results"], rows, other_b_curves(args.other_b))
+        for lab in an["seeds"]:
+            vs = [r["vs_other_b"]["compute_saving_given_small"] for r in an["results"]
+                  if r["label"] == lab and "vs_other_b" in r]
+            an["seeds"][lab]["given_small_vs_other_b"] = seed_stats(vs)
     an["combined"] = combined(an["results"])
     md = f"# Growth from a released small model ({args.scale})\n\n" + tables(an)
     with open(os.path.join(args.workdir, "sweep.md"), "w") as f:

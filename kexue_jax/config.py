@@ -9,12 +9,18 @@ allow None holds None for "the preset's value"; a field whose type allows None (
 ``validate`` checks everything and raises :class:`ConfigError` (a ValueError) naming the field and the
 allowed values before any data is read or anything is compiled.
 
+The token mixers' options are the nested section ``config.model.mixer_options`` (``TransformerConfig.mixer_options``,
+kexue.fm/archives/8431). They were fields of ``config.model`` itself (:data:`MOVED_FIELDS`): the old keys on the
+command line end in one line naming the new key (status 2), and a stored config that has them resumes
+(:func:`migrate_stored`).
+
 Resuming: a run stores its resolved config (``config.json``); :func:`config_changes` lists the fields
 that differ from a stored one, except :data:`RESUMABLE_FIELDS` (schedule length, logging, evaluation,
 checkpoint cadence, device layout), which may change when a run is resumed.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -28,6 +34,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_dict, config_flags
 
+from kexue_jax.nn.mixers import OPTION_NAMES, MixerOptions
 from kexue_jax.nn.transformer import TransformerConfig
 
 OBJECTIVES = ("lm", "mlm")
@@ -46,15 +53,24 @@ RESUMABLE_FIELDS = ("train.steps", "train.log_every", "train.eval_every", "train
 #: config that lacks one resumes while the field holds that value (as it resumes while an added field is None).
 ADDED_FIELDS = {"upscale.scenario": "grow_during", "upscale.protocol": "to_target"}
 
+#: Fields that moved: old dotted key -> new dotted key. A stored config with the old keys is read at the new ones
+#: (:func:`migrate_stored`); the old keys on the command line or in ``model_section`` are errors naming the new.
+MOVED_FIELDS = {f"model.{name}": f"model.mixer_options.{name}" for name in OPTION_NAMES}
+
 
 class ConfigError(ValueError):
     """A configuration the run cannot use (a field, the data it names, or a resume of another config).
     ``train.py`` prints its message as one line and exits with status 2."""
 
 
-def _allows_none(field: dataclasses.Field) -> bool:
-    hint = typing.get_type_hints(TransformerConfig)[field.name]
+def _allows_none(field: dataclasses.Field, cls: type = TransformerConfig) -> bool:
+    hint = typing.get_type_hints(cls)[field.name]
     return isinstance(hint, types.UnionType) and type(None) in hint.__args__
+
+
+def _moved_error(old: str) -> str:
+    """``config.<old> moved: use config.<new>`` for a key of MOVED_FIELDS (without the ``config.`` prefix)."""
+    return f"config.{old} moved: use config.{MOVED_FIELDS[old]}"
 
 
 def _placeholder(field: dataclasses.Field):
@@ -69,17 +85,42 @@ def _placeholder(field: dataclasses.Field):
 
 def model_section(preset: str = "gpt", **overrides) -> ml_collections.ConfigDict:
     """``preset`` plus one entry per TransformerConfig field: None (= the preset's value) for fields that
-    cannot be None, the preset's value for fields that can (so that None given later is kept)."""
+    cannot be None, the preset's value for fields that can (so that None given later is kept). The token
+    mixers' options are the nested section ``mixer_options`` with the same rule; override some of them with
+    ``mixer_options=dict(conv_kernel_size=3, ...)`` (kexue.fm/archives/8431)."""
     section = ml_collections.ConfigDict({"preset": preset})
     resolved = TransformerConfig.preset(preset)
     for field in dataclasses.fields(TransformerConfig):
+        if field.name == "mixer_options":
+            section[field.name] = _options_section(resolved.mixer_options)
+            continue
         section[field.name] = _placeholder(field)
         if _allows_none(field):
             section[field.name] = getattr(resolved, field.name)
     for name, value in overrides.items():
+        if f"model.{name}" in MOVED_FIELDS:
+            raise ConfigError(f"{_moved_error(f'model.{name}')} (model_section(..., mixer_options=dict({name}=...)))")
         if name not in section:
             raise ConfigError(f"config.model: unknown field {name!r}")
+        if name == "mixer_options":
+            options = dataclasses.asdict(value) if isinstance(value, MixerOptions) else dict(value)
+            unknown = sorted(set(options) - set(OPTION_NAMES))
+            if unknown:
+                raise ConfigError(f"config.model.mixer_options: unknown field(s) {unknown}; fields are {OPTION_NAMES}")
+            for key, option in options.items():
+                section.mixer_options[key] = option
+            continue
         section[name] = value
+    return section
+
+
+def _options_section(options: MixerOptions) -> ml_collections.ConfigDict:
+    """``config.model.mixer_options``: None (= the default) for options that cannot be None, else the value."""
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(MixerOptions):
+        section[field.name] = _placeholder(field)
+        if _allows_none(field, MixerOptions):
+            section[field.name] = getattr(options, field.name)
     return section
 
 
@@ -106,16 +147,56 @@ def base_config(experiment: str = "lm") -> ml_collections.ConfigDict:
 
 
 def model_config(section) -> TransformerConfig:
-    """The TransformerConfig of a ``config.model`` section (raises its validation errors)."""
-    values = dict(section)
+    """The TransformerConfig of a ``config.model`` section (raises its validation errors). A section stored
+    before a field moved (a run's config.json: :data:`MOVED_FIELDS`) is read at the new keys."""
+    values = migrate_stored({"model": to_dict(section)})["model"]
+    leftover = [k for k in values if f"model.{k}" in MOVED_FIELDS]
+    if leftover:  # a section of today's layout with an old key added (e.g. by a config file)
+        raise ConfigError(_moved_error(f"model.{leftover[0]}"))
     preset = values.pop("preset")
+    options = values.pop("mixer_options", None) or {}
     nullable = {f.name for f in dataclasses.fields(TransformerConfig) if _allows_none(f)}
     overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()
                  if v is not None or k in nullable}
+    nullable_options = {f.name for f in dataclasses.fields(MixerOptions) if _allows_none(f, MixerOptions)}
+    overrides["mixer_options"] = {k: v for k, v in options.items() if v is not None or k in nullable_options}
     try:
         return TransformerConfig.preset(preset, **overrides)
     except ValueError as e:
         raise ConfigError(f"config.model: {e}") from None
+
+
+def migrate_stored(stored: dict) -> dict:
+    """A stored config (the dict of a run's ``config.json``, or any config as a dict) in today's layout: the keys of
+    :data:`MOVED_FIELDS` that it has are read at their new keys (a copy; ``stored`` is not changed). A config that
+    has the new section already (``model.mixer_options``) is of today's layout and comes back as it is."""
+    out = copy.deepcopy(stored)
+    sections: dict[str, list[tuple[str, str]]] = {}  # new section -> its (old, new) keys
+    for old, new in MOVED_FIELDS.items():
+        sections.setdefault(new.rsplit(".", 1)[0], []).append((old, new))
+    for section, moves in sections.items():
+        holder_path, name = section.rsplit(".", 1)
+        holder = _node(out, holder_path)
+        if holder is None or name in holder:
+            continue
+        moved = {}
+        for old, new in moves:
+            parent_path, key = old.rsplit(".", 1)
+            parent = _node(out, parent_path)
+            if parent is not None and key in parent:
+                moved[new.rsplit(".", 1)[1]] = parent.pop(key)
+        if moved:
+            holder[name] = moved
+    return out
+
+
+def _node(tree: dict, dotted: str):
+    """The dict at ``dotted`` in a nested dict, or None."""
+    for key in dotted.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree if isinstance(tree, dict) else None
 
 
 def _fail(field: str, allowed: str, got: Any):
@@ -214,7 +295,7 @@ def config_changes(stored: dict, current) -> list[str]:
     run's ``config.json``) and ``current``, except :data:`RESUMABLE_FIELDS` and fields the stored config
     lacks that are None now (a field added to the code since, left at "the preset's value") or hold their
     :data:`ADDED_FIELDS` value; [] when resuming is safe."""
-    old = _flatten(stored)
+    old = _flatten(migrate_stored(stored))  # a config stored before a field moved: at the new keys
     new = _flatten(json.loads(json.dumps(to_dict(current), default=str)))  # the JSON form: tuples as lists
     absent = "(absent)"
     return [f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}" for k in sorted(set(old) | set(new))
@@ -266,6 +347,11 @@ def command_line_error(error: BaseException, argv: Sequence[str]) -> str:
     """One line for a command line that gives no usable config (``train.py`` prints it, status 2): a
     misspelled field, with ml_collections' "did you mean" hint and the argument that named it; a config
     file or variant that does not load (the error at the end of its traceback); a bad value or flag."""
+    for arg in argv:  # a field that moved (MOVED_FIELDS): the new key, whatever ml_collections says
+        key, has_value, value = arg.partition("=")
+        if key.startswith("--config.") and key[len("--config."):] in MOVED_FIELDS:
+            old = key[len("--config."):]
+            return f"{arg}: {_moved_error(old)} (--config.{MOVED_FIELDS[old]}{has_value}{value})"
     chain = []
     while error is not None and error not in chain:
         chain.append(error)
@@ -315,5 +401,5 @@ def accept_none_on_command_line() -> None:
 
 
 __all__ = ["base_config", "model_section", "model_config", "validate", "to_dict", "ConfigError", "RESUMABLE_FIELDS",
-           "ADDED_FIELDS", "identity", "config_changes", "accept_none_on_command_line", "default_workdir",
-           "check_workdir", "command_line_error"]
+           "ADDED_FIELDS", "MOVED_FIELDS", "migrate_stored", "identity", "config_changes",
+           "accept_none_on_command_line", "default_workdir", "check_workdir", "command_line_error"]

@@ -22,6 +22,7 @@ same quantity from a traced function's jaxpr, and the tests compare both with XL
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import numbers
@@ -29,12 +30,10 @@ import sys
 from typing import Any, Callable
 
 FFN_MATRICES = {"plain": 2, "gated": 3}
-#: the non-attention mixers of kexue_jax.nn.mixers (kexue.fm/archives/8431); mirrored, not imported (no jax here)
-OTHER_MIXERS = ("synthesizer_random", "synthesizer_dense", "mixer", "resmlp", "gmlp", "amlp", "fnet", "external",
-                "conv")
-TOKEN_MIXERS = ("attention", "linear") + OTHER_MIXERS
-MIXER_DEFAULTS = {"max_len": None, "token_mlp_dim": None, "external_slots": 64, "conv_kind": "lightweight",
-                  "conv_kernel_size": 7, "tiny_attention_dim": 64}
+#: the options of TransformerConfig.mixer_options that the counts read, with the defaults of kexue_jax.nn.mixers'
+#: MixerOptions (mirrored, not imported: no jax here)
+MIXER_DEFAULTS = {"token_mlp_dim": None, "external_slots": 64, "conv_kind": "lightweight", "conv_kernel_size": 7,
+                  "tiny_attention_dim": 64}
 HEADS = ("lm", "mlm", "none")
 DEFAULT_LINEAR_CHUNK_SIZE = 64  # = kexue_jax.nn.linear_attention.DEFAULT_CHUNK_SIZE (not imported: no jax here)
 
@@ -113,6 +112,82 @@ def head_mults(n: int, d_model: int, vocab_size: int, head: str = "lm") -> int:
     return n * d_model * vocab_size + (n * d_model * d_model if head == "mlm" else 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class MixerDims:
+    """The sizes one mixer's count reads: n = length, D = d_model, F = d_ff, h heads of size d, N = max_len,
+    a = tiny-attention size, and the other options of ``TransformerConfig.mixer_options`` (checked where used)."""
+
+    n: int
+    D: int
+    F: int
+    h: int
+    d: int
+    N: int
+    a: int
+    token_mlp_dim: int | None
+    external_slots: int
+    conv_kind: str
+    conv_kernel_size: int
+
+
+def _synthesizer_random_mults(s: MixerDims) -> tuple[dict[str, int], dict[str, int]]:
+    return {"value": s.n * s.D * s.h * s.d, "out": s.n * s.h * s.d * s.D}, {"weighted_sum": s.h * s.n * s.n * s.d}
+
+
+def _synthesizer_dense_mults(s: MixerDims) -> tuple[dict[str, int], dict[str, int]]:
+    p, m = _synthesizer_random_mults(s)
+    p.update(dense_hidden=s.n * s.D * s.D, dense_logits=s.n * s.D * s.h * s.N)
+    return p, m
+
+
+def _token_mlp_mults(s: MixerDims) -> tuple[dict[str, int], dict[str, int]]:
+    width = s.N if s.token_mlp_dim is None else _pos_int("token_mlp_dim", s.token_mlp_dim)
+    width = s.n if width == s.N else width
+    return {}, {"token_in": width * s.n * s.D, "token_out": s.n * width * s.D}
+
+
+def _resmlp_mults(s: MixerDims) -> tuple[dict[str, int], dict[str, int]]:
+    return {}, {"token": s.n * s.n * s.D}
+
+
+def _gmlp_mults(s: MixerDims) -> tuple[dict[str, int], dict[str, int]]:
+    return {"proj_in": 2 * s.n * s.D * s.F, "proj_out": s.n * s.F * s.D}, {"spatial": s.n * s.n * s.F}
+
+
+def _amlp_mults(s: MixerDims) -> tuple[dict[str, int], dict[str, int]]:
+    p, m = _gmlp_mults(s)
+    p.update(tiny_qkv=3 * s.n * s.D * s.a, tiny_out=s.n * s.a * s.F)
+    m.update(tiny_scores=s.n * s.n * s.a, tiny_weighted_sum=s.n * s.n * s.a)
+    return p, m
+
+
+def _fnet_mults(s: MixerDims) -> tuple[dict[str, int], dict[str, int]]:
+    return {}, {"fft": 0}
+
+
+def _external_mults(s: MixerDims) -> tuple[dict[str, int], dict[str, int]]:
+    slots = _pos_int("external_slots", s.external_slots)
+    return {}, {"memory_key": s.n * s.D * slots, "memory_value": s.n * slots * s.D}
+
+
+def _conv_mults(s: MixerDims) -> tuple[dict[str, int], dict[str, int]]:
+    k = _pos_int("conv_kernel_size", s.conv_kernel_size)
+    p = {"glu": 2 * s.n * s.D * s.D, "conv_out": s.n * s.D * s.D}
+    if _choice("conv_kind", s.conv_kind, ("lightweight", "dynamic")) == "dynamic":
+        p["dynamic_kernels"] = s.n * s.D * s.h * k
+    return p, {"taps": s.n * s.D * k}
+
+
+#: name -> (MixerDims -> (projection parts, mixing parts)) for the non-attention mixers of kexue_jax.nn.mixers
+#: (kexue.fm/archives/8431); their registry entries (kexue_jax.nn.mixers.REGISTRY) carry these functions, which
+#: live here so that this module needs no jax
+MIXER_MULTS = {"synthesizer_random": _synthesizer_random_mults, "synthesizer_dense": _synthesizer_dense_mults,
+               "mixer": _token_mlp_mults, "resmlp": _resmlp_mults, "gmlp": _gmlp_mults, "amlp": _amlp_mults,
+               "fnet": _fnet_mults, "external": _external_mults, "conv": _conv_mults}
+OTHER_MIXERS = tuple(MIXER_MULTS)
+TOKEN_MIXERS = ("attention", "linear") + OTHER_MIXERS
+
+
 def mixer_mults(token_mixer: str, n: int, *, d_model: int, num_heads: int, head_dim: int, d_ff: int,
                 max_len: int | None = None, token_mlp_dim: int | None = None, external_slots: int = 64,
                 conv_kind: str = "lightweight", conv_kernel_size: int = 7, tiny_attention_dim: int = 64
@@ -120,8 +195,9 @@ def mixer_mults(token_mixer: str, n: int, *, d_model: int, num_heads: int, head_
     """Multiplications of one non-attention token-mixing sub-layer (kexue_jax.nn.mixers, kexue.fm/archives/8431).
 
     n = length, D = d_model, F = d_ff, h d = heads x head size, N = max_len (default n), S = slots / token-MLP
-    width, K = kernel width, a = tiny-attention size. Returns "projections" (channel matmuls) and "mixing"
-    (token-axis matmuls) with their parts:
+    width, K = kernel width, a = tiny-attention size (the keywords after max_len are the model's
+    ``mixer_options``). Returns "projections" (channel matmuls) and "mixing" (token-axis matmuls) with their
+    parts (``MIXER_MULTS``):
 
         synthesizer_random  value + out 2 n D hd;   A V  h n^2 d
         synthesizer_dense   value + out 2 n D hd, dense_hidden n D^2, dense_logits n D h N;  A V  h n^2 d
@@ -137,39 +213,11 @@ def mixer_mults(token_mixer: str, n: int, *, d_model: int, num_heads: int, head_
     _choice("token_mixer", token_mixer, OTHER_MIXERS)
     n, d_model, num_heads, head_dim, d_ff = (_pos_int(k, v) for k, v in (
         ("n", n), ("d_model", d_model), ("num_heads", num_heads), ("head_dim", head_dim), ("d_ff", d_ff)))
-    big_n = n if max_len is None else _pos_int("max_len", max_len)
-    D, F, hd = d_model, d_ff, num_heads * head_dim
-    a = _pos_int("tiny_attention_dim", tiny_attention_dim)
-    p: dict[str, int] = {}
-    m: dict[str, int] = {}
-    if token_mixer.startswith("synthesizer"):
-        p.update(value=n * D * hd, out=n * hd * D)
-        if token_mixer == "synthesizer_dense":
-            p.update(dense_hidden=n * D * D, dense_logits=n * D * num_heads * big_n)
-        m["weighted_sum"] = num_heads * n * n * head_dim
-    elif token_mixer == "mixer":
-        width = big_n if token_mlp_dim is None else _pos_int("token_mlp_dim", token_mlp_dim)
-        width = n if width == big_n else width
-        m.update(token_in=width * n * D, token_out=n * width * D)
-    elif token_mixer == "resmlp":
-        m["token"] = n * n * D
-    elif token_mixer in ("gmlp", "amlp"):
-        p.update(proj_in=2 * n * D * F, proj_out=n * F * D)
-        m["spatial"] = n * n * F
-        if token_mixer == "amlp":
-            p.update(tiny_qkv=3 * n * D * a, tiny_out=n * a * F)
-            m.update(tiny_scores=n * n * a, tiny_weighted_sum=n * n * a)
-    elif token_mixer == "external":
-        slots = _pos_int("external_slots", external_slots)
-        m.update(memory_key=n * D * slots, memory_value=n * slots * D)
-    elif token_mixer == "conv":
-        k = _pos_int("conv_kernel_size", conv_kernel_size)
-        p.update(glu=2 * n * D * D, conv_out=n * D * D)
-        if _choice("conv_kind", conv_kind, ("lightweight", "dynamic")) == "dynamic":
-            p["dynamic_kernels"] = n * D * num_heads * k
-        m["taps"] = n * D * k
-    else:  # fnet
-        m["fft"] = 0
+    dims = MixerDims(n=n, D=d_model, F=d_ff, h=num_heads, d=head_dim,
+                     N=n if max_len is None else _pos_int("max_len", max_len),
+                     a=_pos_int("tiny_attention_dim", tiny_attention_dim), token_mlp_dim=token_mlp_dim,
+                     external_slots=external_slots, conv_kind=conv_kind, conv_kernel_size=conv_kernel_size)
+    p, m = MIXER_MULTS[token_mixer](dims)
     out = {**p, **m}
     out["projections"], out["mixing"] = sum(p.values()), sum(m.values())
     return out
@@ -214,8 +262,9 @@ def model_mults(cfg: Any, seq_len: int, batch_size: int = 1) -> dict[str, int]:
 
     Reads cfg.num_layers, d_model, num_heads, head_dim, d_ff, vocab_size and, with defaults when absent, ffn
     ("plain"), head ("lm"), token_mixer ("attention"), linear_head_multiplier (1), mask / layer_masks (for the
-    causal chunked linear attention).  Keys: the parts of `layer_mults` (times num_layers), "head", "total".
-    Embedding look-ups and all elementwise work are not counted (kexue.fm/archives/8610).
+    causal chunked linear attention), and for the other mixers max_len and mixer_options (`MIXER_DEFAULTS`).
+    Keys: the parts of `layer_mults` (times num_layers), "head", "total".  Embedding look-ups and all elementwise
+    work are not counted (kexue.fm/archives/8610).
     """
     seq_len, batch_size = _pos_int("seq_len", seq_len), _pos_int("batch_size", batch_size)
     num_layers = _pos_int("cfg.num_layers", cfg.num_layers)
@@ -225,8 +274,10 @@ def model_mults(cfg: Any, seq_len: int, batch_size: int = 1) -> dict[str, int]:
                   ffn=_cfg_field(cfg, "ffn", "plain"), token_mixer=_cfg_field(cfg, "token_mixer", "attention"),
                   linear_head_multiplier=_cfg_field(cfg, "linear_head_multiplier", 1),
                   chunk_size=_cfg_field(cfg, "linear_chunk_size", DEFAULT_LINEAR_CHUNK_SIZE))
-    if common["token_mixer"] in OTHER_MIXERS:
-        common.update({name: _cfg_field(cfg, name, default) for name, default in MIXER_DEFAULTS.items()})
+    if common["token_mixer"] in OTHER_MIXERS:  # max_len and the mixer's options (cfg.mixer_options)
+        options = _cfg_field(cfg, "mixer_options", None)
+        common["max_len"] = _cfg_field(cfg, "max_len", None)
+        common.update({name: _cfg_field(options, name, default) for name, default in MIXER_DEFAULTS.items()})
     total: dict[str, int] = {}
     for kind in masks:
         for key, value in layer_mults(seq_len, causal=kind == "causal", **common).items():

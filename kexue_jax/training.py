@@ -323,7 +323,8 @@ def load_corpus(data_cfg) -> Corpus:
     try:
         plays = data_lib.load_plays(data_cfg.path or None)
     except ValueError as e:
-        raise config_lib.ConfigError(f"config.{e}" if str(e).startswith("data.") else f"config.data.path: {e}") from None
+        raise config_lib.ConfigError(f"config.{e}" if str(e).startswith("data.")
+                                     else f"config.data.path: {e}") from None
     train, val = data_lib.split_corpus(plays, data_cfg.val_fraction, data_cfg.split_seed)
     seq_len, batch = data_cfg.seq_len, data_cfg.batch_size
     need = seq_len + 2
@@ -727,6 +728,8 @@ def train_loop(phase: Phase, config, compiled: Compiled, rec: _Recorder, step: i
                 rec.check_loss(step, bad)
                 rec.save(step, run_state)
                 if preempted:
+                    if pending is not None:  # the saved step's metrics: a resumed run starts after it
+                        rec.log(*pending)
                     rec.ckpt.wait()
                     raise Preempted(f"{rec.tag}{preempt.signum.name}: saved step {step}; rerun to resume",
                                     preempt.signum)

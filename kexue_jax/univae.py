@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from kexue_jax.nn import init as initializers
+from kexue_jax.nn.mixers import mixer_names
 from kexue_jax.nn.norms import l2_normalize
 from kexue_jax.nn.transformer import Transformer, TransformerConfig, init_cache
 
@@ -99,9 +100,10 @@ class UniVAEConfig:
         if m.position == "learned" and 2 * self.src_len > m.max_len:
             raise ValueError(f"model.max_len must be >= 2 * src_len = {2 * self.src_len} with learned positions, "
                              f"got {m.max_len}")
-        if m.token_mixer != "attention" or m.position == "relative":
-            raise ValueError("UniVAE needs model.token_mixer='attention' (the masks) and position in "
-                             f"('learned', 'rope', 'none'), got {m.token_mixer!r} / {m.position!r}")
+        if not (m.mixer_spec.dense_mask and m.mixer_spec.kv_cache) or m.position == "relative":
+            allowed = mixer_names(dense_mask=True, kv_cache=True)  # ('attention',): its masks and decoding cache
+            raise ValueError(f"UniVAE needs model.token_mixer in {allowed} (the masks, KV-cache decoding) and "
+                             f"position in ('learned', 'rope', 'none'), got {m.token_mixer!r} / {m.position!r}")
         if m.type_vocab_size == 1:
             raise ValueError("model.type_vocab_size must be 0 or >= 2 (segments 0 and 1), got 1")
         if not (isinstance(self.word_dropout, (int, float)) and 0 <= self.word_dropout < 1):

@@ -182,12 +182,14 @@ def _qk_alpha(cfg: TransformerConfig, k: int, grow: str, rules: WidenRules) -> f
 
 
 def _mixer_config_changes(cfg: TransformerConfig, k: int) -> dict:
-    """Config fields a widened non-attention mixer keeps fixed (kexue.fm/archives/8431): the gMLP gate norm
-    sees a pure repeat, so its eps stays the small model's; FNet's hidden DFT keeps the small width."""
+    """Config changes of a widened non-attention mixer (kexue.fm/archives/8431), as ``mixer_options``: the gMLP
+    gate norm sees a pure repeat, so its eps stays the small model's; FNet's hidden DFT keeps the small width."""
+    opts = cfg.mixer_options
     if cfg.token_mixer in ("gmlp", "amlp"):
-        return {"mixer_norm_eps": cfg.norm_eps if cfg.mixer_norm_eps is None else cfg.mixer_norm_eps}
+        eps = cfg.norm_eps if opts.mixer_norm_eps is None else opts.mixer_norm_eps
+        return {"mixer_options": opts.replace(mixer_norm_eps=eps)}
     if cfg.token_mixer == "fnet":
-        return {"mixer_copies": cfg.mixer_copies * k}
+        return {"mixer_options": opts.replace(mixer_copies=opts.mixer_copies * k)}
     return {}
 
 
@@ -205,12 +207,12 @@ def _mixer_rule(path: Path, k: int, s: float) -> _Rule | None:
         ResMLP Aff alpha unchanged, beta s;  A's per-token bias s (it adds one scalar to every channel)
         gMLP U [D, 2F]  r (gelu(X U) a pure repeat; interleaved repetition of the 2F axis is the repetition of
                         each half, so the [Z_1 | Z_2] split survives; a tiled [x, x] copy would not);
-                        gate norm unchanged with the small eps (``mixer_norm_eps``);  V  s / k, bias s
+                        gate norm unchanged with the small eps (``mixer_options.mixer_norm_eps``);  V  s / k, bias s
         aMLP tiny attention (size fixed)  q, k, v kernels r (input rows repeated);  out [1, da, F] repeated
         External M_k [D, S]  r (logits unchanged);  M_v [S, D]  s
         conv GLU: value kernel 1/k, bias s; gate kernel r, bias 1; dynamic kernel r; output 1/k, bias s
         Synthesizer-Dense W_1 r (bias 1, hidden a pure repeat); W_2 [D, H, n] 1/k; value / out as attention
-        FNet  no parameters; the config's ``mixer_copies`` x k keeps the small hidden DFT (see fnet_mix)
+        FNet  no parameters; the config's ``mixer_options.mixer_copies`` x k keeps the small hidden DFT (see fnet_mix)
     """
     r = 1.0 / (k * s)
     name, parent = path[-1], path[-2]

@@ -4,7 +4,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from configs import univae as univae_config
 from configs import upscale as upscale_config
 from kexue_jax import checkpoint as ckpt_lib
 from kexue_jax import config as config_lib
+from interrupts import signal_after_first_log
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
@@ -126,22 +126,13 @@ def test_a_workdir_that_is_a_file_or_cannot_be_written_is_one_line_status_2(tmp_
 def test_ctrl_c_saves_the_current_step_and_ends_in_one_line(tmp_path):
     """SIGINT between checkpoints: status 130, one line, the current step saved (SIGTERM: 143, the slow test
     ``test_training.py::test_sigterm_saves_and_the_rerun_resumes``)."""
-    proc = subprocess.Popen([sys.executable, "train.py", "--config=configs/lm.py:tiny", "--config.train.steps=5000",
-                             "--config.train.checkpoint_every=5000", "--config.train.log_every=5",
-                             "--config.train.eval_every=5000", "--config.train.plot=False", f"--workdir={tmp_path}"],
-                            cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        metrics, deadline = tmp_path / "metrics.jsonl", time.time() + 240
-        while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
-            time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    proc.stderr = err
+    status, err = signal_after_first_log(["--config=configs/lm.py:tiny", "--config.train.steps=5000",
+                                          "--config.train.checkpoint_every=5000", "--config.train.log_every=5",
+                                          "--config.train.eval_every=5000", "--config.train.plot=False"],
+                                         tmp_path / "run", ENV, signal.SIGINT)
+    proc = subprocess.CompletedProcess([], status, "", "\n".join(err))
     line = assert_one_line(proc, 130, "SIGINT: saved step", "rerun to resume")
-    steps = ckpt_lib.Checkpointer(tmp_path / "checkpoints").all_steps()
+    steps = ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints").all_steps()
     assert steps == [int(line.split("saved step ")[1].split(";")[0])] and 0 < steps[0] < 5000
 
 

@@ -1,6 +1,7 @@
 """kexue_jax.config: None from the command line, model sections that keep None, dtypes as in flax, the
 default workdir per variant, and the comparison that guards resumes."""
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from absl import flags
@@ -103,3 +104,68 @@ def test_sources_stand_on_their_own():
     hits = [f"{f.relative_to(repo)}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1)
             if pattern.search(line)]
     assert hits == []
+
+
+# ------------------------------------------------------------------------------------------------
+# The token mixers' options moved into config.model.mixer_options (kexue.fm/archives/8431).
+
+def _old_layout(stored: dict) -> dict:
+    """``stored`` as the code before mixer_options wrote it: the options were fields of config.model itself."""
+    import copy
+    old = copy.deepcopy(stored)
+    old["model"].update(old["model"].pop("mixer_options"))
+    return old
+
+
+def test_moved_fields_name_every_option():
+    from kexue_jax.nn.mixers import OPTION_NAMES
+    assert config_lib.MOVED_FIELDS == {f"model.{n}": f"model.mixer_options.{n}" for n in OPTION_NAMES}
+    assert len(config_lib.MOVED_FIELDS) == 8 and "model.conv_kernel_size" in config_lib.MOVED_FIELDS
+
+
+@pytest.mark.parametrize("spec", ["configs/mixers.py:tiny", "configs/lm.py:tiny"])
+def test_a_stored_config_with_the_old_flat_keys_resumes(tmp_path, spec):
+    import json
+
+    from kexue_jax import training
+    c = parse(spec=spec)
+    new = json.loads(json.dumps(config_lib.to_dict(c), default=str))
+    old = _old_layout(new)
+    assert "mixer_options" not in old["model"] and "conv_kernel_size" in old["model"]
+    assert config_lib.migrate_stored(old) == new and "mixer_options" not in old["model"]  # a copy
+    assert config_lib.migrate_stored(new) == new
+    assert config_lib.config_changes(old, c) == []
+    (tmp_path / "config.json").write_text(json.dumps(old, indent=2, sort_keys=True))
+    training.check_resume(c, str(tmp_path))  # resumes
+    # a stored section is read at the new keys (UniVAE's load builds the model from a stored config.json)
+    assert config_lib.model_config(ml_collections.ConfigDict(old["model"])) == config_lib.model_config(c.model)
+    c.model.mixer_options.conv_kernel_size = 5
+    stored = old["model"]["conv_kernel_size"]
+    with pytest.raises(config_lib.ConfigError, match=rf"model.mixer_options.conv_kernel_size: {stored!r} -> 5"):
+        training.check_resume(c, str(tmp_path))
+
+
+def test_an_old_key_on_the_command_line_names_the_new_key(tmp_path):
+    argv = ("--config.model.conv_kernel_size=5",)
+    with pytest.raises(Exception) as e:
+        parse(*argv)
+    want = ("--config.model.conv_kernel_size=5: config.model.conv_kernel_size moved: use "
+            "config.model.mixer_options.conv_kernel_size (--config.model.mixer_options.conv_kernel_size=5)")
+    assert config_lib.command_line_error(e.value, ["train.py", "--config=configs/lm.py:tiny", *argv]) == want
+    c = parse("--config.model.mixer_options.conv_kernel_size=5", "--config.model.mixer_options.mixer_norm_eps=None")
+    cfg = config_lib.model_config(c.model)
+    assert cfg.mixer_options.conv_kernel_size == 5 and cfg.mixer_options.mixer_norm_eps is None
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "train.py", "--config=configs/lm.py:tiny", f"--workdir={tmp_path / 'w'}",
+                           "--config.model.tiny_attention_dim=8"], cwd=repo, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(repo)})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0] == ("error: --config.model.tiny_attention_dim=8: config.model.tiny_attention_dim moved: use "
+                        "config.model.mixer_options.tiny_attention_dim "
+                        "(--config.model.mixer_options.tiny_attention_dim=8)")
+    assert not (tmp_path / "w").exists()

@@ -3,6 +3,8 @@ import json
 import math
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -116,15 +118,15 @@ def test_rerun_with_other_settings_trains_its_own_cells(tiny_run, tmp_path, caps
     _, workdir, _ = tiny_run
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
     config = get_config("tiny")
-    config.study.sections = ("param",)  # 4 cells, already trained by the fixture's run
+    config.study.sections, config.study.param_lrs = ("param",), (1e-3,)  # 2 cells, trained by the fixture's run
     init_study.run(config, str(tmp_path))
     assert capsys.readouterr().out.count("final val") == 0
     config.data.batch_size, config.model.d_model = 8, 48
     again = init_study.run(config, str(tmp_path))
-    assert capsys.readouterr().out.count("final val") == 4  # every cell trained anew, none reused
+    assert capsys.readouterr().out.count("final val") == 2  # every cell trained anew, none reused
     assert {(r["d_model"], r["name"]) for r in again["runs"]} == {(48, c.name) for c in
                                                                   init_study.grid(config, init_study.validate(config))}
-    assert len(os.listdir(tmp_path / "cells")) == 26 + 4  # the old settings' cells are kept, never mixed in
+    assert len(os.listdir(tmp_path / "cells")) == 26 + 2  # the old settings' cells are kept, never mixed in
     config.train.plot, config.study.report_only = False, True  # settings that do not train: same cells
     assert [r["name"] for r in init_study.run(config, str(tmp_path))["runs"]] == [r["name"] for r in again["runs"]]
 
@@ -157,3 +159,29 @@ def test_study_config_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="variant must be one of"):
         get_config("huge")
     assert not os.listdir(tmp_path)  # nothing written before the error
+
+
+def _seed_record(name, loss, *, diverged=False, at_unigram=False):
+    return {"name": name, "final_val_loss": loss, "diverged": diverged, "at_unigram": at_unigram}
+
+
+def test_seed_summary_reports_mean_std_or_how_many_collapsed(tmp_path):
+    """benchmarks/init_study_seeds.py: mean ± sample std when no seed collapsed, else "k of n collapsed"."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import init_study_seeds as iss  # noqa: PLC0415
+
+    s = iss.cell_summary([_seed_record("a", 2.0), _seed_record("a", 2.2), _seed_record("a", 2.4)])
+    assert s["collapsed"] == 0 and s["n"] == 3 and s["text"] == "2.200 ± 0.200"
+    np.testing.assert_allclose(s["final_val_loss"]["std"], np.std([2.0, 2.2, 2.4], ddof=1), rtol=1e-12)
+    s = iss.cell_summary([_seed_record("b", 3.29, at_unigram=True), _seed_record("b", 2.5),
+                          _seed_record("b", float("nan"), diverged=True)])
+    assert (s["collapsed"], s["text"]) == (2, "2 of 3 collapsed (others 2.500)")
+    assert [p["collapsed"] for p in s["per_seed"]] == [True, False, True]
+    # collect: only cells every seed ran, seed 0 from the grid's report, the others from the groups' reports
+    (tmp_path / "deep_s1").mkdir()
+    json.dump({"runs": [_seed_record("x", 2.0)]}, open(tmp_path / "deep_s1" / "report.json", "w"))
+    json.dump({"runs": [_seed_record("x", 2.1), _seed_record("y", 2.3)]}, open(tmp_path / "seed0.json", "w"))
+    got = iss.collect(str(tmp_path / "seed0.json"), str(tmp_path), [1])
+    assert list(got) == ["x"] and [r["seed"] for r in got["x"]] == [0, 1]
+    cmd = iss.command("deep", 2, "w")
+    assert "--config.seed=2" in cmd and "--config.study.depths=(48,)" in cmd

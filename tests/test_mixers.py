@@ -1,5 +1,7 @@
 """Token mixers beyond attention (kexue.fm/archives/8431): the post's claims, causality, jit, gradients, lengths,
-padding and config errors."""
+padding, config errors, the registry of token mixers and their options (TransformerConfig.mixer_options)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,20 +9,26 @@ import pytest
 
 from kexue_jax.nn import Transformer, TransformerConfig
 from kexue_jax.nn import mixers
-from kexue_jax.nn.mixers import MIXERS, BIDIRECTIONAL_ONLY, LENGTH_BOUND
+from kexue_jax.nn.mixers import MIXERS, BIDIRECTIONAL_ONLY, LENGTH_BOUND, MixerOptions
 
+OPTIONS = dict(tiny_attention_dim=8, external_slots=8, conv_kernel_size=3)
 SMALL = dict(vocab_size=40, num_layers=2, d_model=16, num_heads=2, head_dim=8, d_ff=32, max_len=12,
-             tiny_attention_dim=8, external_slots=8, conv_kernel_size=3)
+             mixer_options=MixerOptions(**OPTIONS))
 # fast: every mixer once (causal where it has a causal form); slow: the other mask and the dynamic conv
 CASES = [(m, "bidirectional" if m in BIDIRECTIONAL_ONLY else "causal") for m in MIXERS]
 SLOW_CASES = [pytest.param(m, "bidirectional", marks=pytest.mark.slow) for m in MIXERS if m not in BIDIRECTIONAL_ONLY]
 SLOW_CASES += [pytest.param("conv_dynamic", mask, marks=pytest.mark.slow) for mask in ("causal", "bidirectional")]
 
 
-def make_cfg(mixer, mask="bidirectional", **kw):
-    extra = {"conv_kind": "dynamic"} if mixer == "conv_dynamic" else {}
+def options(mixer="", **kw):
+    """SMALL's mixer options with ``kw`` (conv_kind="dynamic" for the pseudo-mixer "conv_dynamic")."""
+    return MixerOptions(**{**OPTIONS, **({"conv_kind": "dynamic"} if mixer == "conv_dynamic" else {}), **kw})
+
+
+def make_cfg(mixer, mask="bidirectional", *, opts=None, **kw):
+    """SMALL with ``mixer`` and ``mask``; ``opts``: mixer options besides SMALL's."""
     return TransformerConfig(**{**SMALL, "token_mixer": "conv" if mixer == "conv_dynamic" else mixer,
-                                "mask": mask, **extra, **kw})
+                                "mask": mask, "mixer_options": options(mixer, **(opts or {})), **kw})
 
 
 def random_params(cfg, seed=0, scale=0.3):
@@ -187,7 +195,7 @@ def test_fnet_raises_with_a_padding_mask_and_under_causal():
 
 def test_synthesizer_frozen_logits_get_no_update():
     for frozen in (False, True):
-        cfg = make_cfg("synthesizer_random", synthesizer_frozen=frozen, num_layers=1)
+        cfg = make_cfg("synthesizer_random", opts=dict(synthesizer_frozen=frozen), num_layers=1)
         params = random_params(cfg)
         g = jax.jit(jax.grad(lambda p: jnp.sum(Transformer(cfg).apply({"params": p}, toks(12)) ** 2)))(params)
         size = float(jnp.max(jnp.abs(g["layer_0"]["mixer"]["logits"])))
@@ -195,15 +203,19 @@ def test_synthesizer_frozen_logits_get_no_update():
 
 
 @pytest.mark.parametrize("kw,field", [
-    (dict(token_mixer="mixer", mask="causal", token_mlp_dim=8), "token_mlp_dim"),
-    (dict(token_mixer="conv", mask="bidirectional", conv_kernel_size=4), "conv_kernel_size"),
+    (dict(token_mixer="mixer", mask="causal", mixer_options=options(token_mlp_dim=8)), "mixer_options.token_mlp_dim"),
+    (dict(token_mixer="conv", mask="bidirectional", mixer_options={"conv_kernel_size": 4}),
+     "mixer_options.conv_kernel_size"),
     (dict(token_mixer="conv", num_heads=3), "num_heads"),
     (dict(token_mixer="gmlp", position="relative"), "position"),
     (dict(token_mixer="resmlp", mask="unilm"), "mask"),
-    (dict(token_mixer="conv", conv_kind="dilated"), "conv_kind"),
-    (dict(token_mixer="mixer", mixer_copies=2), "mixer_copies"),
-    (dict(token_mixer="external", external_slots=0), "external_slots"),
-    (dict(token_mixer="gmlp", mixer_norm_eps=-1.0), "mixer_norm_eps"),
+    (dict(token_mixer="conv", mixer_options={"conv_kind": "dilated"}), "mixer_options.conv_kind"),
+    (dict(token_mixer="mixer", mixer_options={"mixer_copies": 2}), "mixer_options.mixer_copies"),
+    (dict(token_mixer="external", mixer_options={"external_slots": 0}), "mixer_options.external_slots"),
+    (dict(token_mixer="gmlp", mixer_options={"mixer_norm_eps": -1.0}), "mixer_options.mixer_norm_eps"),
+    (dict(token_mixer="gmlp", mixer_options={"synthesizer_frozen": 1}), "mixer_options.synthesizer_frozen"),
+    (dict(token_mixer="mixer", mixer_options={"token_mlp_dim": 0}), "mixer_options.token_mlp_dim"),
+    (dict(token_mixer="fnet", mask="bidirectional", mixer_options={"mixer_copies": 3}), "mixer_options.mixer_copies"),
     (dict(token_mixer="fourier"), "token_mixer"),
 ])
 def test_config_errors_name_the_field(kw, field):
@@ -233,7 +245,7 @@ def _widen_case(mixer, k, grow, preset="gpt", **kw):
         mask = "bidirectional"
     cfg = TransformerConfig.preset(preset, **{**SMALL, **kw, "dtype": "float64", "param_dtype": "float64",
                                               "mask": mask, "token_mixer": "conv" if mixer == "conv_dynamic" else mixer,
-                                              **({"conv_kind": "dynamic"} if mixer == "conv_dynamic" else {})})
+                                              "mixer_options": options(mixer)})
     params = random_params(cfg)
     big, big_cfg = upscale.widen(params, cfg, k, grow=grow)
     report = upscale.assert_lossless(params, cfg, big, big_cfg, toks(10), atol=1e-10, rtol=0.0)
@@ -270,13 +282,14 @@ def test_widen_every_mixer_grid_fp64(x64, mixer, k, grow, preset):
 def test_widen_rules_that_matter_fnet_copies_and_gmlp_split(x64):
     """Without their rules the widened FNet and gMLP are not the same function."""
     cfg, params, big, big_cfg, _ = _widen_case("fnet", 2, "head_dim")
-    assert big_cfg.mixer_copies == 2
+    assert big_cfg.mixer_options.mixer_copies == 2
+    assert big_cfg.mixer_options.replace(mixer_copies=1) == cfg.mixer_options  # widen changes that option only
     t = toks(10)
     small = Transformer(cfg).apply({"params": params}, t)
-    naive = Transformer(big_cfg.replace(mixer_copies=1)).apply({"params": big}, t)  # the plain 2D-point DFT
+    naive = Transformer(big_cfg.replace(mixer_options={"mixer_copies": 1})).apply({"params": big}, t)  # 2D-point DFT
     assert float(jnp.max(jnp.abs(naive - small))) > 1e-3
     cfg, params, big, big_cfg, _ = _widen_case("gmlp", 2, "head_dim")
-    assert big_cfg.mixer_norm_eps == cfg.norm_eps and big_cfg.norm_eps == cfg.norm_eps / 2
+    assert big_cfg.mixer_options.mixer_norm_eps == cfg.norm_eps and big_cfg.norm_eps == cfg.norm_eps / 2
     # gMLP's [Z_1 | Z_2] split: interleaved repetition of the 2F axis repeats each half (exact, above); a
     # tiled [x, x] copy puts Z_2's copy in the first half: not lossless, while a split-free mixer tiles exactly
     from kexue_jax import upscale
@@ -294,7 +307,7 @@ def test_widen_rules_that_matter_fnet_copies_and_gmlp_split(x64):
 # FLOPs per mixer (kexue_jax.flops.mixer_mults): exact against the jaxpr, within 5% of XLA's cost analysis.
 
 @pytest.mark.parametrize("mixer,kw", [(m, {}) for m in MIXERS] + [
-    ("conv", {"conv_kind": "dynamic"}), ("mixer", {"token_mlp_dim": 20, "mask": "bidirectional"}),
+    ("conv", {"opts": {"conv_kind": "dynamic"}}), ("mixer", {"opts": {"token_mlp_dim": 20}, "mask": "bidirectional"}),
     ("synthesizer_random", {"mask": "bidirectional"})])
 def test_model_mults_equal_the_jaxpr_count(mixer, kw):
     from kexue_jax import flops
@@ -342,6 +355,13 @@ def _study_config(variant="tiny", **study):
     ({"objectives": ("mlm", "seq2seq")}, r"config.study.objectives entries must be in"),
     ({"ft_seq_len": 64}, r"config.study.ft_seq_len must be <= model.max_len=32"),
     ({"ft_steps": 0}, r"config.study.ft_steps must be a positive integer"),
+    # the transfer with few labels (tests/test_mixers_study.py)
+    ({"ft_label_fractions": (0.0, 1.0)}, r"config\.study\.ft_label_fractions entries must be in \(0, 1\], got 0\.0"),
+    ({"ft_label_fractions": (0.1, 1.01)}, r"config\.study\.ft_label_fractions entries must be in \(0, 1\], got 1\.01"),
+    ({"ft_label_fractions": (-0.5,)}, r"config\.study\.ft_label_fractions entries must be in \(0, 1\]"),
+    ({"ft_label_fractions": (0.1, 0.1)}, r"config\.study\.ft_label_fractions entries must be distinct"),
+    ({"ft_fraction_task": "sentiment"}, r"config\.study\.ft_fraction_task must be one of \('order', 'genre'\)"),
+    ({"ft_fraction_steps": 0}, r"config\.study\.ft_fraction_steps must be a positive integer"),
 ])
 def test_study_config_errors_before_anything_runs(tmp_path, study, message):
     from kexue_jax.experiments import mixers as study_lib
@@ -399,3 +419,157 @@ def test_every_mixer_trains_from_train_py(tmp_path, mixer):
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "val_loss" in (tmp_path / "metrics.jsonl").read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The registry (mixers.REGISTRY) and the options (TransformerConfig.mixer_options).
+
+def _cfg_of(name):
+    """The fixture's configs: a token mixer, or one of the pseudo-mixers conv_dynamic, synth_frozen, mixer20."""
+    special = {"conv_dynamic": ("conv", {"conv_kind": "dynamic"}), "synth_frozen": ("synthesizer_random",
+               {"synthesizer_frozen": True}), "mixer20": ("mixer", {"token_mlp_dim": 20})}
+    mixer, opts = special.get(name, (name, {}))
+    mask = "bidirectional" if mixer in BIDIRECTIONAL_ONLY or name == "mixer20" else "causal"
+    return make_cfg(mixer, mask, opts=opts)
+
+
+def test_registry_covers_every_token_mixer():
+    from kexue_jax import flops
+    from kexue_jax.nn import attention, transformer
+    assert tuple(mixers.REGISTRY) == transformer.TOKEN_MIXERS == flops.TOKEN_MIXERS
+    for name in transformer.TOKEN_MIXERS:
+        spec = mixers.mixer_spec(name)
+        assert spec.name == name and _cfg_of(name).mixer_spec is spec
+        if spec.scope == "attn":
+            assert spec.module is attention.MultiHeadAttention and callable(spec.attend) and spec.apply is None
+        else:
+            assert spec.scope == "mixer" and spec.module is mixers.TokenMixer and spec.attend is None
+            assert callable(spec.apply) and spec.mults is flops.MIXER_MULTS[name]
+    assert mixers.REGISTRY["attention"].attend is attention.softmax_attend
+    assert mixers.REGISTRY["linear"].attend is attention.linear_attend
+    assert MIXERS == mixers.mixer_names(scope="mixer") == flops.OTHER_MIXERS
+    assert mixers.mixer_names(scope="attn") == ("attention", "linear")
+    assert BIDIRECTIONAL_ONLY == ("fnet", "external")
+    assert LENGTH_BOUND == ("synthesizer_random", "synthesizer_dense", "mixer", "resmlp", "gmlp", "amlp")
+    assert mixers.mixer_names(dense_mask=True) == mixers.mixer_names(kv_cache=True) == ("attention",)
+    assert mixers.mixer_names(replaces_norm=True) == ("resmlp",)
+    assert mixers.mixer_names(head_multiplier=True) == ("linear",)
+    assert transformer.MUP_UNSUPPORTED_MIXERS == mixers.mixer_names(mup=False) == ("synthesizer_dense", "amlp",
+                                                                                    "external")
+    assert mixers.mixer_names(scope="mixer", length_bound=False) == ("fnet", "external", "conv")
+    with pytest.raises(ValueError, match=r"token_mixer must be one of \('attention', 'linear', 'synthesizer_random'"):
+        mixers.mixer_spec("fourier")
+    with pytest.raises(TypeError, match=r"MixerSpec has no field\(s\) \['causal'\]"):
+        mixers.mixer_names(causal=True)
+
+
+def test_parameter_trees_are_those_of_before_the_registry():
+    """Checkpoints of every mixer load unchanged: the same parameter paths and shapes as the code before the
+    registry and mixer_options wrote (tests/fixtures/mixer_param_trees.json)."""
+    import json
+    from pathlib import Path
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "mixer_param_trees.json").read_text())
+    fixture.pop("_about")
+    assert set(MIXERS) | {"attention", "linear"} <= set(fixture)
+    for name, tree in fixture.items():
+        cfg = _cfg_of(name)
+        params = jax.eval_shape(lambda k: Transformer(cfg).init(k, jnp.zeros((1, 12), jnp.int32))["params"],
+                                jax.random.PRNGKey(0))
+        got = {jax.tree_util.keystr(p, simple=True, separator="/"): "x".join(map(str, x.shape))
+               for p, x in jax.tree_util.tree_leaves_with_path(params)}
+        assert got == tree, name
+
+
+def test_the_model_asks_the_registry(monkeypatch):
+    """Block's norm, the mask a mixer gets and the KV cache follow the registry entry, not the mixer's name."""
+    cfg = make_cfg("gmlp", "causal", num_layers=1)
+    params = Transformer(cfg).init(jax.random.PRNGKey(0), toks(12))["params"]
+    assert "attn_norm" in params["layer_0"]
+    monkeypatch.setitem(mixers.REGISTRY, "gmlp", dataclasses.replace(mixers.REGISTRY["gmlp"], replaces_norm=True))
+    params = Transformer(cfg).init(jax.random.PRNGKey(0), toks(12))["params"]
+    assert "attn_norm" not in params["layer_0"] and "mixer" in params["layer_0"]
+    seen = []
+    real = mixers.REGISTRY["gmlp"].apply
+
+    def spy(m, x, call):
+        seen.append(call)
+        return real(m, x, call)
+
+    monkeypatch.setitem(mixers.REGISTRY, "gmlp", dataclasses.replace(mixers.REGISTRY["gmlp"], apply=spy))
+    Transformer(cfg).apply({"params": params}, toks(12), valid=jnp.ones((2, 12), bool))
+    assert len(seen) == 1 and seen[0].causal and seen[0].valid.shape == (2, 12) and not seen[0].return_probs
+
+
+def test_mixer_options_from_dicts_replace_and_moved_fields():
+    import kexue_jax.nn
+    from kexue_jax.nn import transformer
+    assert kexue_jax.nn.MixerOptions is transformer.MixerOptions is MixerOptions
+    assert TransformerConfig().mixer_options == MixerOptions()
+    assert MixerOptions.of({"conv_kernel_size": 5}) == MixerOptions(conv_kernel_size=5)
+    opts = MixerOptions(external_slots=3)
+    assert MixerOptions.of(opts) is opts and opts.replace(mixer_copies=2) == MixerOptions(external_slots=3,
+                                                                                          mixer_copies=2)
+    assert mixers.OPTION_NAMES == ("synthesizer_frozen", "token_mlp_dim", "external_slots", "conv_kind",
+                                   "conv_kernel_size", "tiny_attention_dim", "mixer_norm_eps", "mixer_copies")
+    with pytest.raises(ValueError, match=r"mixer_options has no field\(s\) \['kernel'\]"):
+        MixerOptions.of({"kernel": 3})
+    with pytest.raises(ValueError, match=r"mixer_options must be a MixerOptions or a dict of its fields"):
+        TransformerConfig(mixer_options=7)
+    with pytest.raises(ValueError, match=r"TransformerConfig.mixer_options.conv_kind must be one of"):
+        MixerOptions(conv_kind="dilated")
+    assert mixers.token_mlp_dim(make_cfg("mixer")) == 12
+    assert mixers.token_mlp_dim(make_cfg("mixer", opts={"token_mlp_dim": 20})) == 20
+    cfg = make_cfg("conv")
+    assert TransformerConfig(**cfg.to_dict()) == cfg and cfg.to_dict()["mixer_options"]["conv_kernel_size"] == 3
+    wider = cfg.replace(mixer_options={"conv_kernel_size": 5})  # a dict replaces some options, keeps the rest
+    assert wider.mixer_options == cfg.mixer_options.replace(conv_kernel_size=5)
+    assert wider.mixer_options.external_slots == 8
+    assert cfg.replace(mixer_options=MixerOptions()).mixer_options == MixerOptions()
+    with pytest.raises(TypeError, match=r"conv_kernel_size moved into mixer_options: e.g. mixer_options="):
+        cfg.replace(conv_kernel_size=5)
+    with pytest.raises(ValueError, match=r"unknown TransformerConfig field\(s\) \['mixer_copies'\] \(mixer_copies "
+                                         r"moved"):
+        TransformerConfig.preset("gpt", mixer_copies=2)
+    with pytest.raises(ValueError, match=r"TransformerConfig.mixer_options.conv_kind must be 'lightweight' with "
+                                         r"parameterization='mup'"):
+        TransformerConfig.preset("gpt", token_mixer="conv", parameterization="mup",
+                                 mixer_options={"conv_kind": "dynamic"})
+
+
+def test_options_of_a_config_section_and_the_study_configs():
+    from kexue_jax import config as config_lib
+    c = _study_config("tiny")
+    assert c.model.mixer_options.conv_kernel_size == 3 and c.model.mixer_options.token_mlp_dim is None
+    cfg = config_lib.model_config(c.model)
+    assert cfg.mixer_options == MixerOptions(tiny_attention_dim=16, external_slots=16, conv_kernel_size=3)
+    section = config_lib.model_section("bert", mixer_options=MixerOptions(mixer_copies=2))
+    assert config_lib.model_config(section).mixer_options.mixer_copies == 2
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.mixer_options: unknown field\(s\) \['slots'\]"):
+        config_lib.model_section("gpt", mixer_options={"slots": 3})
+    with pytest.raises(config_lib.ConfigError, match=r"^config.model.conv_kernel_size moved: use "
+                                                     r"config.model.mixer_options.conv_kernel_size"):
+        config_lib.model_section("gpt", conv_kernel_size=3)
+    c.model.conv_kind = "dynamic"  # an old key added to today's section (a config file): named, not ignored
+    with pytest.raises(config_lib.ConfigError, match=r"^config.model.conv_kind moved: use "
+                                                     r"config.model.mixer_options.conv_kind$"):
+        config_lib.model_config(c.model)
+
+
+def test_the_attention_entries_weighted_sums():
+    """The registry's ``attend`` of attention and linear attention: the cores MultiHeadAttention calls."""
+    import types
+    from kexue_jax.nn import attention
+    from kexue_jax.nn.linear_attention import linear_attention
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 2, 8)) for i in range(3))
+    causal = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+    cfg = make_cfg("attention", "causal", attention_impl="einsum")
+    out, probs = attention.softmax_attend(types.SimpleNamespace(cfg=cfg), q, k, v, mask=causal, bias=None,
+                                          deterministic=True, return_probs=True)
+    want, want_probs = attention.dot_product_attention(q, k, v, mask=causal, scale=8 ** -0.5, return_probs=True,
+                                                       implementation="einsum")
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(probs, want_probs)
+    mask = types.SimpleNamespace(kind="causal", valid=None)
+    out, probs = attention.linear_attend(None, q, k, v, mask=mask, bias=None, deterministic=True, return_probs=True)
+    assert probs is None
+    np.testing.assert_array_equal(out, linear_attention(q, k, v, causal=True))

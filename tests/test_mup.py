@@ -115,7 +115,8 @@ def test_readout_multiplies_the_logits_by_one_over_m():
 @pytest.mark.parametrize("field,kw,message", [
     ("attn_scale", dict(attn_scale="sqrt"), "TransformerConfig.attn_scale must be 'mup'"),
     ("token_mixer", dict(token_mixer="external", mask="bidirectional"), "TransformerConfig.token_mixer must be not"),
-    ("conv_kind", dict(token_mixer="conv", conv_kind="dynamic"), "TransformerConfig.conv_kind must be 'lightweight'"),
+    ("conv_kind", dict(token_mixer="conv", mixer_options={"conv_kind": "dynamic"}),
+     "TransformerConfig.mixer_options.conv_kind must be 'lightweight'"),
     ("mup_base_d_model", dict(mup_base_d_model=0), "TransformerConfig.mup_base_d_model must be None"),
 ])
 def test_options_that_cannot_work_under_mup_are_refused(field, kw, message):
@@ -144,7 +145,7 @@ def _assert_exact_widening(cfg, k, grow, noise_db, symmetry):
     assert big_cfg.width_mult == k * cfg.width_mult and big_cfg.norm_eps == cfg.norm_eps
 
 
-@pytest.mark.parametrize("preset", ["bert", "gpt", "t5"])
+@pytest.mark.parametrize("preset", [pytest.param("bert", marks=pytest.mark.slow), "gpt", "t5"])  # bert: ~30 s
 def test_widening_under_mup_is_exact_fp64(x64, preset):
     """Each preset (tied readout, MuSharedReadout) at k in {2, 3, 4}, both grow modes among them, without noise
     and with -10 dB zero-sum (bert, t5) / 0 dB fan-out (gpt) noise: max |logits~ - logits| <= 1e-10 x the
@@ -209,7 +210,8 @@ def _loss(cfg, params, toks):
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), toks[:, 1:, None], -1))
 
 
-@pytest.mark.parametrize("preset,grow", [("bert", "head_dim"), ("gpt", "num_heads"), ("t5", "head_dim")])
+@pytest.mark.parametrize("preset,grow", [pytest.param("bert", "head_dim", marks=pytest.mark.slow),  # ~30 s
+                                         ("gpt", "num_heads"), ("t5", "head_dim")])
 def test_first_step_after_widening_uses_the_big_models_mup_rates_and_nothing_else(x64, preset, grow):
     """Small model: two steps of make_optimizer(model_cfg=small) (muP rates). Widen after the first; one step of
     make_optimizer(model_cfg=big) with the mapped Adam state, no update scale or multiplier: the update is the

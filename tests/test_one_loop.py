@@ -5,10 +5,6 @@ to a run never interrupted (these two failed on the jobs' former private loops: 
 UniVAE loop, no checkpoints at all in the similarity one)."""
 import os
 import re
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import chex
@@ -20,14 +16,13 @@ import pytest
 from kexue_jax import checkpoint as ckpt_lib
 from kexue_jax import config as config_lib
 from kexue_jax import parallel, training
+from interrupts import signal_after_first_log
 
 REPO = Path(__file__).resolve().parents[1]
-# the test process's XLA flags (conftest), device count and compilation cache (where conftest sets one), so a
-# run it resumes is the same computation, and it loads the executables the interrupted process compiled
+# the test process's XLA flags (conftest) and device count, so a run it resumes is the same computation. Not its
+# compilation cache: an interrupted process must not write into the cache this process loads executables from
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
-if jax.config.jax_compilation_cache_dir:
-    ENV.update(JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+ENV.pop("JAX_COMPILATION_CACHE_DIR", None)
 DEVICES = f"--jax_num_cpu_devices={jax.device_count()}"
 W_TRUE = np.array([1.0, -2.0, 0.5, 3.0], np.float32)
 
@@ -128,25 +123,6 @@ def test_a_phase_without_a_loss_or_a_model_names_the_field(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # SIGTERM in the middle of a job's run.
 
-def sigterm_after_first_log(args, workdir: Path, timeout: float = 240):
-    """Run ``train.py args --workdir=workdir`` in a process (this process's XLA flags and device count), send
-    SIGTERM once its metrics log holds a training loss, and return (status, stderr lines)."""
-    with open(workdir.parent / f"{workdir.name}.stdout", "w") as out:
-        proc = subprocess.Popen([sys.executable, "train.py", *args, f"--workdir={workdir}", DEVICES], cwd=REPO,
-                                env=ENV, stdout=out, stderr=subprocess.PIPE, text=True)
-        try:
-            metrics, deadline = workdir / "metrics.jsonl", time.time() + timeout
-            while (time.time() < deadline and proc.poll() is None
-                   and not (metrics.exists() and '"loss"' in metrics.read_text())):
-                time.sleep(0.1)
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=120)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-    return proc.returncode, err.strip().splitlines()
-
-
 def overridden(config, overrides: dict):
     """``config`` with the ``{"section.field": value}`` overrides set (as ``--config.section.field=value``)."""
     for dotted, value in overrides.items():
@@ -158,8 +134,8 @@ def overridden(config, overrides: dict):
 def sigterm_saves_between_checkpoints(spec: str, overrides: dict, workdir: Path, first_checkpoint: int) -> int:
     """``train.py --config=spec`` with ``overrides``, SIGTERMed after its first logged step: status 143, one line
     naming the saved step, and that step alone in the checkpoints, before ``first_checkpoint``. Returns it."""
-    status, err = sigterm_after_first_log([f"--config={spec}", *(f"--config.{k}={v}" for k, v in overrides.items())],
-                                          workdir)
+    status, err = signal_after_first_log([f"--config={spec}", *(f"--config.{k}={v}" for k, v in overrides.items()),
+                                           DEVICES], workdir, ENV)
     assert status == 143 and len(err) == 1, (status, err[-20:])
     saved = int(re.fullmatch(r"SIGTERM: saved step (\d+); rerun to resume", err[0]).group(1))
     assert ckpt_lib.Checkpointer(workdir / "checkpoints").all_steps() == [saved] and 0 < saved < first_checkpoint

@@ -71,3 +71,29 @@ def test_univae_curve_lines_are_evaluate_runs_heldout_lines_and_training_lines()
     order = np.random.default_rng(int(c.seed) + 1).permutation(len(va))
     assert held == [va[i] for i in order[:40]] and len(train) == 40 and set(train) <= set(tr)
     assert not set(held) & set(train)
+
+
+def test_a_second_baseline_from_another_sweep(rs, tmp_path):
+    """--other-b: A's savings against another sweep's B (its best seed-0 rate, the same seed), by hand."""
+    def curve(flops, losses):
+        return [{"step": i, "flops": float(f), "val_loss": float(v)} for i, (f, v) in enumerate(zip(flops, losses))]
+
+    b_good, b_bad = curve([0, 1, 2, 3, 4], [5, 4, 3, 2.5, 2.0]), curve([0, 1, 2, 3, 4], [5, 4.5, 4, 3, 2.6])
+    rows = [{"name": f"B/released/lr{lr}/s{seed}", "overrides": {"seed": seed}, "final_loss_scratch": c[-1]["val_loss"],
+             "curves": {"scratch (B)": c}} for lr, seed, c in [("0.006", 0, b_good), ("0.012", 0, b_bad),
+                                                                ("0.006", 1, b_good), ("0.012", 1, b_bad)]]
+    (tmp_path / "other").mkdir()
+    json.dump({"rows": rows}, open(tmp_path / "other" / "sweep.json", "w"))
+    curves = rs.other_b_curves(str(tmp_path / "other"))
+    assert sorted(curves) == [0, 1] and curves[1] == b_good  # the best rate at seed 0 (2.0 < 2.6), every seed
+    a_curve = curve([0, 1, 2, 3], [5, 3, 2.5, 2.0])
+    a_row = {"name": "A/centre/s1", "widen_flops": 1.0, "curves": {"upscaled (A)": a_curve}}
+    results = [{"name": "A/centre/s1", "seed": 1}, {"name": "A/centre/s2", "seed": 2}]
+    rs.against_other_b(results, [a_row, {"name": "A/centre/s2"}], curves)
+    # B reaches 2.0 at 4 FLOPs; A at 3, of which 1 is the small phase: given small 4 / 2, counted 4 / 3
+    assert results[0]["vs_other_b"] == pytest.approx({"compute_saving_given_small": 2.0, "compute_saving": 4 / 3,
+                                                      "target_loss": 2.0})
+    assert "vs_other_b" not in results[1]  # no B at that seed
+    with pytest.raises(SystemExit, match="no finished arm B run at seed 0"):
+        json.dump({"rows": []}, open(tmp_path / "other" / "sweep.json", "w"))
+        rs.other_b_curves(str(tmp_path / "other"))

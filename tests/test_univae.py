@@ -272,6 +272,16 @@ def test_config_errors_name_the_field():
         U.decode({}, cfg, jnp.zeros((1, 2, 16)), method="topp")
     with pytest.raises(ValueError, match="max_len"):
         U.decode({}, cfg, jnp.zeros((1, 2, 16)), max_len=12)
+    # the mixers of kexue.fm/archives/8431 have neither the dense masks nor a KV cache (their registry entries)
+    for mixer in ("linear", "gmlp"):
+        with pytest.raises(ValueError, match=r"UniVAE needs model.token_mixer in \('attention',\)"):
+            U.UniVAEConfig(model=m.replace(token_mixer=mixer, mask="causal"), n_latent=2, src_len=12)
+    gmlp = m.replace(token_mixer="gmlp", mask="causal")
+    tok = jnp.zeros((1, 3), jnp.int32)
+    params = Transformer(gmlp).init(jax.random.PRNGKey(0), tok)["params"]
+    with pytest.raises(ValueError, match=r"cache_index \(KV-cache decoding\) needs .*token_mixer in \('attention',\)"):
+        Transformer(gmlp).apply({"params": params, "cache": init_cache(gmlp, 1, 3)}, tok, cache_index=0,
+                                mutable=["cache"])
 
 
 # -- the VQ variant ------------------------------------------------------------------------------

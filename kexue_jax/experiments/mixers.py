@@ -18,6 +18,14 @@ For every mixer of ``study.mixers`` (``attention`` is the reference):
 4. Task transfer (the author's central critique): a classifier of each spoken line's play genre (First Folio
    labels of ``kexue_jax.analytic``; mean-pooled final states over the line's bytes + a linear layer) is
    fine-tuned from the MLM encoder and, with the same budget, from scratch; test accuracy of both.
+   Genre gains nothing from MLM pre-training even for attention (a line says little about its play's genre,
+   and a small MLM learns nothing of it), so it cannot show which mixers transfer. Hence a second task,
+   where pre-training demonstrably helps attention: **word order** (:func:`order_lines`): is a line as spoken
+   or are its words shuffled? Both classes have the same bytes (a bag-of-bytes model is at chance), so it
+   needs context, what MLM pre-training teaches. Fine-tuned with a fraction of the labels
+   (``study.ft_label_fractions``, nested seeded subsets of the training lines, :func:`label_subset`, the same
+   for every mixer) from the MLM encoder and from scratch: the gain (accuracy pre-trained - scratch) per
+   fraction is how much of the pre-training transfers, largest where labels are few.
 
 Every arm trains through ``training``'s one loop: the pre-training with ``training.run_phase`` (the language
 model phase), each fine-tune as a ``training.Phase`` of its own (:func:`finetune`: ``training.make_optimizer``,
@@ -25,7 +33,9 @@ batches addressed by step) run by ``training.run_loop``.
 Positions: ``attention`` uses RoPE, the other mixers none (their token matrices, kernels or DFT phases carry
 position; FNet and conv run at any length). Outputs in the workdir: ``report.json``, ``table.md``,
 ``mixers.png`` and one sub-directory per pre-training arm (metrics, checkpoints: a killed study resumes), with
-``genre_pretrained/`` and ``genre_scratch/`` for its fine-tunes.
+``genre_pretrained/`` and ``genre_scratch/`` for its fine-tunes and ``<task>_f<fraction>_pretrained/`` /
+``_scratch/`` for the label-fraction ones (e.g. ``order_f0.01_pretrained/``); a finished fine-tune is read back
+from its metrics, not rerun.
 """
 from __future__ import annotations
 
@@ -45,6 +55,7 @@ from kexue_jax.experiments import analytic  # GENRES, FOLIO_GENRE, spoken_lines
 from kexue_jax import config as config_lib
 from kexue_jax import data as data_lib
 from kexue_jax import flops as flops_lib
+from kexue_jax import metrics as metrics_lib
 from kexue_jax import reporting
 from kexue_jax import training
 from kexue_jax.nn import Transformer, TransformerConfig
@@ -197,46 +208,119 @@ def pretrain(config, cfg: TransformerConfig, objective: str, workdir: str, corpu
 # ------------------------------------------------------------------------------------------------
 # Task transfer: genre of a line.
 
-def genre_lines(study, seed: int) -> dict:
-    """Spoken lines (bytes, PAD-padded/cropped to ``study.ft_seq_len``), First Folio genre labels; a seeded
-    split of ``ft_train_lines`` / ``ft_test_lines`` lines (as the analytic experiment: all plays)."""
-    plays = data_lib.load_plays()
+def _encode_lines(texts: list[str], labels, length: int):
+    """``(ids [n, length] PAD-padded / cropped bytes, real [n, length] 1 on the line's bytes, labels [n])``."""
+    ids = np.full((len(texts), length), data_lib.PAD, np.int32)
+    real = np.zeros((len(texts), length), np.float32)
+    for r, text in enumerate(texts):
+        b = data_lib.encode(text)[:length]
+        ids[r, :len(b)], real[r, :len(b)] = b, 1.0
+    return ids, real, np.asarray(labels, np.int32)
+
+
+def _task_data(train, test, num_classes: int) -> dict:
+    """A fine-tuning task: its splits, class count and the test accuracy of the training majority class."""
+    return {"train": train, "test": test, "num_classes": num_classes,
+            "majority": float(np.mean(test[2] == np.bincount(train[2], minlength=num_classes).argmax()))}
+
+
+def _all_spoken_lines() -> tuple[list[str], list[int]]:
+    """Every spoken line of every play and its play's First Folio genre (index into ``analytic.GENRES``)."""
     texts, labels = [], []
-    for play in plays:
+    for play in data_lib.load_plays():
         lines = analytic.spoken_lines(play.text)
         texts += lines
         labels += [analytic.GENRES.index(analytic.FOLIO_GENRE[play.name])] * len(lines)
+    return texts, labels
+
+
+def genre_lines(study, seed: int) -> dict:
+    """Spoken lines (bytes, PAD-padded/cropped to ``study.ft_seq_len``), First Folio genre labels; a seeded
+    split of ``ft_train_lines`` / ``ft_test_lines`` lines (as the analytic experiment: all plays)."""
+    texts, labels = _all_spoken_lines()
     order = np.random.default_rng(seed).permutation(len(texts))
     n_tr, n_te = study.ft_train_lines, study.ft_test_lines
     if n_tr + n_te > len(texts):
         raise ValueError(f"config.study.ft_train_lines + ft_test_lines must be <= {len(texts)} lines")
-    length = study.ft_seq_len
 
     def encode(idx):
-        ids = np.full((len(idx), length), data_lib.PAD, np.int32)
-        real = np.zeros((len(idx), length), np.float32)
-        for r, i in enumerate(idx):
-            b = data_lib.encode(texts[i])[:length]
-            ids[r, :len(b)], real[r, :len(b)] = b, 1.0
-        return ids, real, np.asarray([labels[i] for i in idx], np.int32)
+        return _encode_lines([texts[i] for i in idx], [labels[i] for i in idx], study.ft_seq_len)
 
-    tr, te = encode(order[:n_tr]), encode(order[n_tr:n_tr + n_te])
-    return {"train": tr, "test": te, "majority": float(np.mean(te[2] == np.bincount(tr[2]).argmax()))}
+    return _task_data(encode(order[:n_tr]), encode(order[n_tr:n_tr + n_te]), len(analytic.GENRES))
 
 
-def genre_config(config) -> ml_collections.ConfigDict:
-    """The config of a genre fine-tune (a ``training.run_loop`` phase): ``study.ft_*`` as optim / train / data
+#: Lines of the word-order task have at least this many words, two of them different (a shuffle can differ).
+ORDER_MIN_WORDS = 4
+
+
+def order_lines(study, seed: int) -> dict:
+    """The word-order task: is a spoken line as spoken (label 0) or are its words shuffled (label 1)?
+
+    Lines with >= ``ORDER_MIN_WORDS`` words (two distinct); a seeded split of ``ft_train_lines`` /
+    ``ft_test_lines`` of them, exactly half of all labelled 1 (seeded); a label-1 line's words are put in a
+    seeded random order other than the spoken one (the text differs). Both classes are written with single
+    spaces between words (whitespace carries no label) and PAD-padded / cropped to ``study.ft_seq_len``.
+    The bytes of a line are the same in both classes, so a classifier of byte counts is at chance: the task
+    needs the order of the words, what a masked language model learns (kexue.fm/archives/8431 asks whether
+    mixers with learned fixed token matrices transfer it as attention does)."""
+    texts = [t for t in _all_spoken_lines()[0] if len(t.split()) >= ORDER_MIN_WORDS and len(set(t.split())) > 1]
+    n_tr, n_te = study.ft_train_lines, study.ft_test_lines
+    if n_tr + n_te > len(texts):
+        raise ValueError(f"config.study.ft_train_lines + ft_test_lines must be <= {len(texts)} lines "
+                         f"(the lines of >= {ORDER_MIN_WORDS} words)")
+    rng = np.random.default_rng([seed, 8431])
+    chosen = rng.permutation(len(texts))[:n_tr + n_te]
+    labels = rng.permutation(n_tr + n_te) % 2
+    out = []
+    for i, y in zip(chosen, labels):
+        words = texts[i].split()
+        line = " ".join(words)
+        while y:
+            shuffled = " ".join(words[j] for j in rng.permutation(len(words)))
+            if shuffled != line:
+                line = shuffled
+                break
+        out.append(line)
+    return _task_data(_encode_lines(out[:n_tr], labels[:n_tr], study.ft_seq_len),
+                      _encode_lines(out[n_tr:], labels[n_tr:], study.ft_seq_len), 2)
+
+
+#: The tasks of the label-fraction fine-tunes (``study.ft_fraction_task``).
+FRACTION_TASKS = {"order": order_lines, "genre": genre_lines}
+
+
+def label_subset(n_train: int, fraction: float, seed: int) -> np.ndarray:
+    """The training lines (sorted indices into ``range(n_train)``) whose labels a fine-tune with ``fraction`` of
+    the labels uses: the first ``max(1, round(fraction * n_train))`` of one seeded permutation, so the subsets
+    are nested (1% inside 10% inside all) and depend on the seed alone, the same for every mixer and arm."""
+    fraction = float(fraction)
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"config.study.ft_label_fractions entries must be in (0, 1], got {fraction!r}")
+    n = max(1, int(round(fraction * n_train)))
+    return np.sort(np.random.default_rng([seed, 8431, 1]).permutation(n_train)[:n])
+
+
+def with_labels(data: dict, idx: np.ndarray) -> dict:
+    """``data`` with the training split cut to the lines ``idx`` (the test split whole)."""
+    return {**data, "train": tuple(a[idx] for a in data["train"])}
+
+
+def genre_config(config, steps: int | None = None, **data) -> ml_collections.ConfigDict:
+    """The config of a fine-tune (a ``training.run_loop`` phase): ``study.ft_*`` as optim / train / data
     fields. AdamW (``training.make_optimizer``, no clipping, b2 0.999, weight decay 0.01 on matrices) at
     ``ft_lr`` with a linear warmup over a tenth of the steps and a cosine decay to 0; the test accuracy at the
-    end; seed ``config.seed`` + 11 (the init key and the batches)."""
+    end; seed ``config.seed`` + 11 (the init key and the batches). ``steps``: the fine-tune's steps (None:
+    ``study.ft_steps``, the genre fine-tune); ``data``: further ``data`` fields (a label-fraction fine-tune
+    names its task, fraction and lines, so that its workdir resumes under that data only)."""
     s = config.study
+    steps = int(s.ft_steps if steps is None else steps)
     return ml_collections.ConfigDict(dict(
         experiment="mixers_genre", seed=int(config.seed) + 11,
-        optim=dict(lr=float(s.ft_lr), warmup_steps=max(1, s.ft_steps // 10), schedule="cosine", min_lr_ratio=0.0,
+        optim=dict(lr=float(s.ft_lr), warmup_steps=max(1, steps // 10), schedule="cosine", min_lr_ratio=0.0,
                    weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=None),
-        train=dict(steps=int(s.ft_steps), log_every=max(1, s.ft_steps // 4), eval_every=int(s.ft_steps),
-                   checkpoint_every=int(s.ft_steps), keep_checkpoints=1),
-        data=dict(batch_size=int(s.ft_batch), seq_len=int(s.ft_seq_len)),
+        train=dict(steps=steps, log_every=max(1, steps // 4), eval_every=steps, checkpoint_every=steps,
+                   keep_checkpoints=1),
+        data=dict(batch_size=int(s.ft_batch), seq_len=int(s.ft_seq_len), **data),
         parallel=config.parallel.to_dict()))
 
 
@@ -247,16 +331,33 @@ def genre_logits(model: Transformer, params, ids, real):
     return pooled @ params["cls"]["kernel"] + params["cls"]["bias"]
 
 
-def finetune(cfg: TransformerConfig, encoder_params, data: dict, config, workdir: str, mesh) -> float:
-    """Fine-tune the mean-pooled encoder + a linear classifier (3 genres) for ``study.ft_steps`` steps, a
-    ``training.Phase`` run by ``training.run_loop`` in ``workdir`` (:func:`genre_config`; resumable); returns
-    its test accuracy. ``encoder_params`` None: the encoder starts from its random init (the scratch arm)."""
-    fc = genre_config(config)
+def _finished_accuracy(fc, workdir: str) -> float | None:
+    """The test accuracy a finished fine-tune of config ``fc`` recorded in ``workdir`` (None: not finished),
+    read from its metrics, so that a finished study reruns without restoring or compiling anything.
+    A workdir of another config raises (``training.check_resume``)."""
+    training.check_resume(fc, workdir)
+    if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILE)):
+        return None
+    done = [r for r in metrics_lib.read_metrics(workdir) if r.get("step") == fc.train.steps and "test_accuracy" in r]
+    return float(done[-1]["test_accuracy"]) if done else None
+
+
+def finetune(cfg: TransformerConfig, encoder_params, data: dict, config, workdir: str, mesh,
+             fc: ml_collections.ConfigDict | None = None) -> float:
+    """Fine-tune the mean-pooled encoder + a linear classifier (``data["num_classes"]``, default the 3 genres)
+    for ``fc.train.steps`` steps, a ``training.Phase`` run by ``training.run_loop`` in ``workdir`` (``fc``: the
+    fine-tune's config, default :func:`genre_config`; resumable; a finished one is read back from its
+    metrics); returns its test accuracy. ``encoder_params`` None: the encoder starts from its random init (the
+    scratch arm)."""
+    fc = genre_config(config) if fc is None else fc
+    done = _finished_accuracy(fc, workdir)
+    if done is not None:
+        return done
     model = Transformer(cfg.replace(head="none"))
     k_init, k_cls = jax.random.split(jax.random.PRNGKey(fc.seed))
     if encoder_params is None:
         encoder_params = model.init(k_init, jnp.zeros((1, fc.data.seq_len), jnp.int32))["params"]
-    num = len(analytic.GENRES)
+    num = int(data.get("num_classes", len(analytic.GENRES)))
     params = {"encoder": jax.tree_util.tree_map(jnp.array, encoder_params),
               "cls": {"kernel": jax.random.normal(k_cls, (cfg.d_model, num)) / math.sqrt(cfg.d_model),
                       "bias": jnp.zeros((num,))}}
@@ -310,6 +411,21 @@ def validate(config) -> TransformerConfig:
             raise ValueError(f"config.study.{name} must be a positive integer, got {s[name]!r}")
     if s.ft_seq_len > base.max_len:
         raise ValueError(f"config.study.ft_seq_len must be <= model.max_len={base.max_len}")
+    fractions = s.get("ft_label_fractions", ())
+    if not isinstance(fractions, (tuple, list)):
+        raise ValueError(f"config.study.ft_label_fractions must be a tuple of fractions in (0, 1], got {fractions!r}")
+    for f in fractions:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
+            raise ValueError(f"config.study.ft_label_fractions entries must be in (0, 1], got {f!r}")
+    if len(set(fractions)) != len(fractions):
+        raise ValueError(f"config.study.ft_label_fractions entries must be distinct, got {tuple(fractions)!r}")
+    if fractions:
+        if s.get("ft_fraction_task") not in FRACTION_TASKS:
+            raise ValueError(f"config.study.ft_fraction_task must be one of {tuple(FRACTION_TASKS)}, "
+                             f"got {s.get('ft_fraction_task')!r}")
+        steps = s.get("ft_fraction_steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"config.study.ft_fraction_steps must be a positive integer, got {steps!r}")
     devices = training.build_mesh(config).size
     if s.ft_batch % devices:
         raise ValueError(f"config.study.ft_batch must be a multiple of the {devices} devices of the mesh, "
@@ -334,6 +450,15 @@ def run(config, workdir: str) -> dict:
     data = genre_lines(study, int(config.seed)) if study.ft_steps else None
     if data is not None:
         results["majority"] = data["majority"]
+    fractions = tuple(float(f) for f in study.get("ft_label_fractions", ()))
+    if fractions:
+        task = study.ft_fraction_task
+        fdata = FRACTION_TASKS[task](study, int(config.seed))
+        subsets = {f: label_subset(len(fdata["train"][2]), f, int(config.seed)) for f in fractions}
+        results["fraction_task"] = {"task": task, "steps": int(study.ft_fraction_steps),
+                                    "num_classes": fdata["num_classes"], "majority": fdata["majority"],
+                                    "train_lines": len(fdata["train"][2]), "test_lines": len(fdata["test"][2])}
+        results["transfer_fractions"] = []
     for mixer, objective in arms(study):
         cfg = mixer_config(base, mixer, objective, target)
         print(f"== {mixer} / {objective}: d_ff {cfg.d_ff}, {param_count(cfg):,} params", flush=True)
@@ -345,11 +470,34 @@ def run(config, workdir: str) -> dict:
             scratch = finetune(cfg, None, data, config, os.path.join(arm, "genre_scratch"), mesh)
             results["transfer"].append({"mixer": mixer, "pretrained": pre, "scratch": scratch})
             print(f"   genre accuracy {mixer}: pre-trained {pre:.4f}, scratch {scratch:.4f}", flush=True)
+        if objective == "mlm" and fractions:
+            results["transfer_fractions"] += transfer_by_fraction(cfg, params, fdata, subsets, config, arm, mesh)
         _write(results, workdir)
     if study.speed_rounds:
         add_speed(results, config, base, target)
     _write(results, workdir, final=True)
     return results
+
+
+def transfer_by_fraction(cfg: TransformerConfig, params, data: dict, subsets: dict, config, arm: str,
+                         mesh) -> list[dict]:
+    """Fine-tune on ``study.ft_fraction_task`` with each fraction of the labels (``subsets``: fraction ->
+    :func:`label_subset`), from the MLM encoder ``params`` and from scratch, ``study.ft_fraction_steps`` steps
+    each, in ``arm/<task>_f<fraction>_{pretrained,scratch}``; one row per fraction with both test accuracies
+    and the gain (pre-trained - scratch): how much the pre-training transfers when labels are few."""
+    task, rows = config.study.ft_fraction_task, []
+    for fraction, idx in subsets.items():
+        fc = genre_config(config, int(config.study.ft_fraction_steps), task=task, label_fraction=fraction,
+                          labelled_lines=len(idx), train_lines=len(data["train"][2]),
+                          test_lines=len(data["test"][2]))
+        sub, name = with_labels(data, idx), os.path.join(arm, f"{task}_f{fraction:g}")
+        pre = finetune(cfg, params, sub, config, name + "_pretrained", mesh, fc)
+        scratch = finetune(cfg, None, sub, config, name + "_scratch", mesh, fc)
+        rows.append({"mixer": cfg.token_mixer, "task": task, "fraction": fraction, "labelled_lines": len(idx),
+                     "pretrained": pre, "scratch": scratch, "gain": pre - scratch})
+        print(f"   {task} accuracy {cfg.token_mixer} with {fraction * 100:g}% of the labels ({len(idx)} lines): "
+              f"pre-trained {pre:.4f}, scratch {scratch:.4f}, gain {pre - scratch:+.4f}", flush=True)
+    return rows
 
 
 def add_speed(results: dict, config, base: TransformerConfig, target: int) -> None:
@@ -372,7 +520,9 @@ def table(results: dict) -> str:
     lines = [head, "|" + "---|" * (7 + len(lengths))]
     for r in results["arms"]:
         lines.append(f"| {r['mixer']} | {r['objective']} | {r['params']:,} | {r['d_ff']} | "
-                     f"{r['flops_per_token'] / 1e6:.2f} | {r.get('tokens_per_s_interleaved') or r['tokens_per_s']:.0f} | {r['val_loss']:.3f} | "
+                     f"{r['flops_per_token'] / 1e6:.2f} | "
+                     f"{r.get('tokens_per_s_interleaved') or r['tokens_per_s']:.0f} | "
+                     f"{r['val_loss']:.3f} | "
                      + " | ".join(_fmt(r.get(f'val_loss_at_{n}', '-')) for n in lengths) + " |")
     if results.get("transfer"):
         lines += ["", f"Genre of a line (3 classes, majority {results['majority']:.3f}), test accuracy:", "",
@@ -380,7 +530,21 @@ def table(results: dict) -> str:
         for t in results["transfer"]:
             lines.append(f"| {t['mixer']} | {t['pretrained']:.3f} | {t['scratch']:.3f} | "
                          f"{t['pretrained'] - t['scratch']:+.3f} |")
+    if results.get("transfer_fractions"):
+        ft = results["fraction_task"]
+        what = TASK_TITLES.get(ft["task"], ft["task"])
+        lines += ["", f"{what} ({ft['num_classes']} classes, majority {ft['majority']:.3f}), test accuracy "
+                  f"({ft['test_lines']:,} lines) after {ft['steps']} fine-tuning steps on a fraction of the "
+                  f"{ft['train_lines']:,} training lines (the same lines for every mixer):", "",
+                  "| mixer | labels (lines) | from MLM pre-training | from scratch | gain |", "|---|---|---|---|---|"]
+        for t in results["transfer_fractions"]:
+            lines.append(f"| {t['mixer']} | {t['fraction'] * 100:g}% ({t['labelled_lines']:,}) | "
+                         f"{t['pretrained']:.3f} | {t['scratch']:.3f} | {t['gain']:+.3f} |")
     return "\n".join(lines) + "\n"
+
+
+#: Titles of the label-fraction tasks in the table.
+TASK_TITLES = {"order": "Word order of a line (as spoken / words shuffled)", "genre": "Genre of a line"}
 
 
 def _write(results: dict, workdir: str, final: bool = False) -> None:
@@ -393,11 +557,13 @@ def _write(results: dict, workdir: str, final: bool = False) -> None:
 
 
 def plot(results: dict, out: str) -> bool:
-    """Validation loss against tokens/s (both objectives) and the transfer gain per mixer."""
-    fig = reporting.figure(figsize=(12, 4.5))
+    """Validation loss against tokens/s (both objectives), the genre accuracies per mixer and, when the study
+    fine-tuned with fractions of the labels, the gain (pre-trained - scratch) per mixer and fraction."""
+    by_fraction = results.get("transfer_fractions") or []
+    fig = reporting.figure(figsize=(18 if by_fraction else 12, 4.5))
     if fig is None:
         return False
-    axes = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if by_fraction else 2)
     for objective, marker in (("mlm", "o"), ("lm", "s")):
         rows = [r for r in results["arms"] if r["objective"] == objective]
         speed = [r.get("tokens_per_s_interleaved") or r["tokens_per_s"] for r in rows]
@@ -420,6 +586,18 @@ def plot(results: dict, out: str) -> bool:
         axes[1].set_ylim(min(accs) - 0.03, max(accs) + 0.03)
         axes[1].set_ylabel("genre test accuracy")
         axes[1].legend()
+    if by_fraction:
+        names = list(dict.fromkeys(t["mixer"] for t in by_fraction))
+        fractions = sorted({t["fraction"] for t in by_fraction})
+        gain = {(t["mixer"], t["fraction"]): t["gain"] for t in by_fraction}
+        x, width = np.arange(len(names)), 0.8 / len(fractions)
+        for i, f in enumerate(fractions):
+            axes[2].bar(x + (i - (len(fractions) - 1) / 2) * width, [gain.get((m, f), np.nan) for m in names],
+                        width, label=f"{f * 100:g}% of the labels")
+        axes[2].axhline(0.0, color="k", lw=0.8)
+        axes[2].set_xticks(x, names, rotation=45, ha="right", fontsize=8)
+        axes[2].set_ylabel(f"{results['fraction_task']['task']}: accuracy pre-trained - scratch")
+        axes[2].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return True

@@ -188,7 +188,8 @@ def write_kv_cache(module: nn.Module, k: Array, v: Array, index) -> tuple[Array,
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head self-attention token mixer (see module docstring).
+    """Multi-head self-attention token mixer (see module docstring): projections, positions and KV cache here, the
+    weighted sum ``cfg.mixer_spec.attend`` (``softmax_attend``, or ``linear_attend`` for token_mixer="linear").
 
     Call: (x [B, L, d_model], *, mask, positions [B, L], deterministic, return_probs) ->
     (y [B, L, d_model], probs [B, H, L, L] or None).
@@ -224,16 +225,27 @@ class MultiHeadAttention(nn.Module):
                 max_distance=cfg.rel_max_distance)
             table = self.param("rel_bias", cfg.embed_init(), (cfg.rel_buckets, h), cfg.param_jnp_dtype)
             bias = jnp.transpose(table[buckets], (0, 3, 1, 2))  # [B, H, Lq, Lk]
-        if cfg.token_mixer == "linear":
-            from kexue_jax.nn.linear_attention import linear_attention  # noqa: PLC0415 (optional mixer)
-
-            out = linear_attention(q, k, v, causal=mask.kind == "causal", key_mask=mask.valid)
-            probs = None
-        else:
-            rate = 0.0 if deterministic else cfg.dropout_rate
-            rng = self.make_rng("dropout") if rate > 0.0 else None
-            out, probs = dot_product_attention(
-                q, k, v, mask=mask, bias=bias, scale=logit_scale(cfg.attn_scale, d), dropout_rate=rate,
-                dropout_rng=rng, return_probs=return_probs, implementation=cfg.attention_impl)
+        # the weighted sum of the token mixer's registry entry (kexue_jax.nn.mixers.REGISTRY): softmax or linear
+        out, probs = cfg.mixer_spec.attend(self, q, k, v, mask=mask, bias=bias, deterministic=deterministic,
+                                           return_probs=return_probs)
         y = proj("out", (x.shape[-1],), 2, cfg.branch_init_gain ** 2)(out)
         return y, probs
+
+
+def softmax_attend(module: nn.Module, q, k, v, *, mask, bias, deterministic: bool, return_probs: bool):
+    """token_mixer="attention": softmax(q k^T scale + bias) v (``dot_product_attention``) with the model's logit
+    scale, attention dropout (rate ``cfg.dropout_rate`` unless deterministic) and implementation."""
+    cfg = module.cfg
+    rate = 0.0 if deterministic else cfg.dropout_rate
+    rng = module.make_rng("dropout") if rate > 0.0 else None
+    return dot_product_attention(q, k, v, mask=mask, bias=bias, scale=logit_scale(cfg.attn_scale, q.shape[-1]),
+                                 dropout_rate=rate, dropout_rng=rng, return_probs=return_probs,
+                                 implementation=cfg.attention_impl)
+
+
+def linear_attend(module: nn.Module, q, k, v, *, mask, bias, deterministic: bool, return_probs: bool):
+    """token_mixer="linear" (kexue.fm/archives/8610): ``linear_attention`` under the mask's kind and key validity
+    (``mask`` is the model's _MixerMask); no probabilities, no bias."""
+    from kexue_jax.nn.linear_attention import linear_attention  # noqa: PLC0415 (optional mixer)
+
+    return linear_attention(q, k, v, causal=mask.kind == "causal", key_mask=mask.valid), None

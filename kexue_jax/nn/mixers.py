@@ -34,30 +34,39 @@ Masks. Each mixer runs bidirectionally; all but ``fnet`` and ``external`` also c
 matrices, causal padding, causal tiny attention); those two raise under a causal mask. A key-padding mask
 (``valid``) zeroes the padded columns of every token matrix (softmax excludes them), the padded inputs of
 the convolution and of the token-axis softmax of External Attention; FNet raises (a DFT has no masked form).
+
+Options. The mixers' options (``synthesizer_frozen``, ``token_mlp_dim``, ``external_slots``, ``conv_kind``,
+``conv_kernel_size``, ``tiny_attention_dim``, ``mixer_norm_eps``, ``mixer_copies``) are one nested field of the
+model config, ``TransformerConfig.mixer_options`` (a frozen :class:`MixerOptions`; on the command line
+``--config.model.mixer_options.<option>=...``).
+
+Registry. :data:`REGISTRY` maps every value of ``TransformerConfig.token_mixer`` (attention and linear
+attention included) to a :class:`MixerSpec`: the Flax module and function that build it and the properties the
+rest of the library asks about (dense mask, KV-cache decoding, replaces the block's norm, bidirectional only,
+length bound, muP support, its multiplication count in ``kexue_jax.flops``). ``mixer_spec(name)`` looks one up;
+``mixer_names(**properties)`` lists the mixers with given properties.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kexue_jax import flops
 from kexue_jax.nn import init as initializers
 from kexue_jax.nn.activations import ACTIVATIONS
-from kexue_jax.nn.attention import Dense, dot_product_attention, rope
+from kexue_jax.nn.attention import (Dense, MultiHeadAttention, dot_product_attention, linear_attend, rope,
+                                    softmax_attend)
 from kexue_jax.nn.norms import make_norm
 
 Array = jax.Array
 
-MIXERS = ("synthesizer_random", "synthesizer_dense", "mixer", "resmlp", "gmlp", "amlp", "fnet", "external",
-          "conv")
-#: mixers that cannot be made causal (they raise under mask="causal")
-BIDIRECTIONAL_ONLY = ("fnet", "external")
-#: mixers with parameters of size max_len along the token axis
-LENGTH_BOUND = ("synthesizer_random", "synthesizer_dense", "mixer", "resmlp", "gmlp", "amlp")
 CONV_KINDS = ("lightweight", "dynamic")
 EXTERNAL_NORMALIZATIONS = ("token", "slots")
 _EXTERNAL_EPS = 1e-9  # the L1 normaliser's eps of the External Attention code
@@ -213,20 +222,86 @@ def conv_mix(x: Array, kernel: Array, *, causal: bool) -> Array:
 
 
 # ------------------------------------------------------------------------------------------------
+# The options of the mixers: one nested field of TransformerConfig.
+
+def _fail_option(field: str, allowed: str, got: Any) -> None:
+    raise ValueError(f"TransformerConfig.mixer_options.{field} must be {allowed}, got {got!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixerOptions:
+    """The options of the non-attention token mixers (kexue.fm/archives/8431): ``TransformerConfig.mixer_options``.
+
+    Each field is read by one mixer and ignored by the others. The fields are checked one by one here
+    (errors name ``TransformerConfig.mixer_options.<field>``); checks against the rest of the model (mask,
+    max_len, d_model, num_heads) are ``validate_config``'s, run by TransformerConfig. Command line:
+    ``--config.model.mixer_options.<field>=...``.
+    """
+
+    synthesizer_frozen: bool = False  # synthesizer_random: logits fixed at their random init
+    token_mlp_dim: int | None = None  # mixer: token-MLP hidden size S (None: max_len; causal needs max_len)
+    external_slots: int = 64          # external: memory slots S
+    conv_kind: str = "lightweight"    # conv: lightweight | dynamic
+    conv_kernel_size: int = 7         # conv: kernel width (odd when bidirectional)
+    tiny_attention_dim: int = 64      # amlp: size of the tiny single-head attention
+    mixer_norm_eps: float | None = None  # gmlp/amlp gate norm eps (None: norm_eps; widen keeps it fixed)
+    mixer_copies: int = 1             # fnet: interleaved channel copies (set by upscale.widen)
+
+    def __post_init__(self):
+        for name in ("external_slots", "conv_kernel_size", "tiny_attention_dim", "mixer_copies"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail_option(name, "a positive integer", value)
+        if self.token_mlp_dim is not None and (not isinstance(self.token_mlp_dim, int) or self.token_mlp_dim < 1):
+            _fail_option("token_mlp_dim", "None (= max_len) or a positive integer", self.token_mlp_dim)
+        if self.mixer_norm_eps is not None and not (isinstance(self.mixer_norm_eps, (int, float))
+                                                    and self.mixer_norm_eps > 0):
+            _fail_option("mixer_norm_eps", "None (= norm_eps) or a number > 0", self.mixer_norm_eps)
+        if not isinstance(self.synthesizer_frozen, bool):
+            _fail_option("synthesizer_frozen", "True or False", self.synthesizer_frozen)
+        if self.conv_kind not in CONV_KINDS:
+            _fail_option("conv_kind", f"one of {CONV_KINDS}", self.conv_kind)
+
+    @classmethod
+    def of(cls, value) -> "MixerOptions":
+        """``value`` as MixerOptions: a MixerOptions, or a mapping of some of its fields (the rest default).
+        Raises ValueError naming the fields for anything else, or for a key that is not a field."""
+        if isinstance(value, cls):
+            return value
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        if not (hasattr(value, "keys") and hasattr(value, "__getitem__")):
+            raise ValueError(f"TransformerConfig.mixer_options must be a MixerOptions or a dict of its fields "
+                             f"{names}, got {value!r}")
+        unknown = sorted(set(value.keys()) - set(names))
+        if unknown:
+            raise ValueError(f"TransformerConfig.mixer_options has no field(s) {unknown}; fields are {names}")
+        return cls(**{k: value[k] for k in value.keys()})
+
+    def replace(self, **changes) -> "MixerOptions":
+        return dataclasses.replace(self, **changes)
+
+
+#: the option names (also the keys that were fields of TransformerConfig itself before mixer_options)
+OPTION_NAMES = tuple(f.name for f in dataclasses.fields(MixerOptions))
+
+
+def token_mlp_dim(cfg) -> int:
+    """MLP-Mixer's token hidden size S (``mixer_options.token_mlp_dim``, default max_len)."""
+    s = cfg.mixer_options.token_mlp_dim
+    return cfg.max_len if s is None else s
+
+
+# ------------------------------------------------------------------------------------------------
 # The Flax module: one sub-layer per mixer, same call signature as MultiHeadAttention.
 
 def check_length(cfg, length: int) -> None:
     """Raise if a mixer with n x n parameters (sized by max_len) gets a longer input."""
-    if cfg.token_mixer in LENGTH_BOUND and length > cfg.max_len:
+    spec = REGISTRY.get(cfg.token_mixer)
+    if spec is not None and spec.length_bound and length > cfg.max_len:
         raise ValueError(f"token_mixer={cfg.token_mixer!r} has {cfg.max_len} x {cfg.max_len} token-mixing "
                          f"parameters (TransformerConfig.max_len={cfg.max_len}); got length {length}. Shorter "
                          f"inputs use the leading block; longer ones need a larger max_len (or pad/crop the "
                          f"input). fnet, external and conv run at any length.")
-
-
-def token_mlp_dim(cfg) -> int:
-    """MLP-Mixer's token hidden size S (``token_mlp_dim``, default max_len)."""
-    return cfg.max_len if cfg.token_mlp_dim is None else cfg.token_mlp_dim
 
 
 def _activation(cfg):
@@ -244,8 +319,130 @@ def _matrix_init(cfg, fan_in: int):
     return nn.initializers.normal(1.0 / math.sqrt(fan_in))
 
 
+@dataclasses.dataclass(frozen=True)
+class MixerCall:
+    """What one call of a TokenMixer passes to its mixer's ``apply`` besides the module and x [B, L, D]."""
+
+    causal: bool             # mask kind "causal" (else bidirectional)
+    valid: Any               # [B, L] bool key validity, or None
+    positions: Any           # [B, L] positions (aMLP's tiny attention under RoPE), or None
+    return_probs: bool       # the synthesizers return their attention matrices
+
+
+def _dense(m: nn.Module, name: str, features, fan_in: int, in_axes: int = 1) -> Dense:
+    """A Dense of the mixer ``m`` with the model's init, NTK multiplier (of ``fan_in``), dtypes and biases."""
+    cfg = m.cfg
+    return Dense(tuple(features), in_axes=in_axes, use_bias=cfg.use_bias, kernel_init=cfg.kernel_init(in_axes),
+                 multiplier=cfg.kernel_multiplier(fan_in), dtype=cfg.compute_dtype, param_dtype=cfg.param_jnp_dtype,
+                 name=name)
+
+
+def _matrix(m: nn.Module, name: str, shape, init):
+    """A parameter of the mixer ``m`` itself (token matrices, biases, affines), in the model's param dtype."""
+    return m.param(name, init, shape, m.cfg.param_jnp_dtype)
+
+
+def _apply_synthesizer(m, x, c: MixerCall, *, dense_logits: bool):
+    """Synthesizer: softmax(B) (x W_v) W_o, B a parameter R [H, n, n] (Random) or predicted from x_i (Dense)."""
+    cfg = m.cfg
+    h, hd, n, length, d = cfg.num_heads, cfg.head_dim, cfg.max_len, x.shape[1], x.shape[-1]
+    v = _dense(m, "value", (h, hd), d)(x)
+    if not dense_logits:
+        logits = _matrix(m, "logits", (h, n, n), nn.initializers.normal(0.02))[:, :length, :length]
+        if cfg.mixer_options.synthesizer_frozen:
+            logits = jax.lax.stop_gradient(logits)
+    else:
+        hidden = jax.nn.relu(_dense(m, "dense_hidden", (d,), d)(x))
+        logits = _dense(m, "dense_logits", (h, n), d)(hidden)[..., :length]  # [B, L, H, L]
+        logits = jnp.transpose(logits, (0, 2, 1, 3))
+    out = token_matrix_mix(v, logits, softmax=True, causal=c.causal, valid=c.valid)
+    probs = _synth_probs(logits, c.causal, c.valid, x.shape[0]) if c.return_probs else None
+    return _dense(m, "out", (d,), h * hd, in_axes=2)(out), probs
+
+
+def _apply_token_mlp(m, x, c: MixerCall):
+    """MLP-Mixer's token-mixing MLP (``token_mlp``) with [S, n] and [n, S] matrices sized by max_len."""
+    cfg = m.cfg
+    n, length, dt = cfg.max_len, x.shape[1], cfg.compute_dtype
+    s = token_mlp_dim(cfg)
+    w1 = _matrix(m, "token_in", (s, n), _matrix_init(cfg, n))
+    w2 = _matrix(m, "token_out", (n, s), _matrix_init(cfg, s))
+    b1 = _matrix(m, "token_in_bias", (s,), nn.initializers.zeros)
+    b2 = _matrix(m, "token_out_bias", (n,), nn.initializers.zeros)
+    if s == n:
+        w1, b1 = w1[:length, :length], b1[:length]
+        w2 = w2[:length, :length]
+    else:
+        w1, w2 = w1[:, :length], w2[:length]
+    return token_mlp(x, w1.astype(dt), b1, w2.astype(dt), b2[:length], activation=_activation(cfg),
+                     causal=c.causal, valid=c.valid), None
+
+
+def _apply_resmlp(m, x, c: MixerCall):
+    """ResMLP: Aff_out(A Aff_in(x) + b) with one n x n matrix A; the affines replace the block's norm."""
+    cfg = m.cfg
+    n, length, d = cfg.max_len, x.shape[1], x.shape[-1]
+    aff = {name: (_matrix(m, f"{name}_alpha", (d,), nn.initializers.constant(a0)),
+                  _matrix(m, f"{name}_beta", (d,), nn.initializers.zeros))
+           for name, a0 in (("aff_in", 1.0), ("aff_out", 0.1))}
+    w = _matrix(m, "token", (n, n), _matrix_init(cfg, n))[:length, :length]
+    b = _matrix(m, "token_bias", (n,), nn.initializers.zeros)[:length]
+    z = token_matrix_mix(affine(x, *aff["aff_in"]), w.astype(cfg.compute_dtype), bias=b, causal=c.causal,
+                         valid=c.valid)
+    return affine(z, *aff["aff_out"]), None
+
+
+def _apply_gmlp(m, x, c: MixerCall, *, tiny_attention: bool):
+    """gMLP's spatial gating unit between act(x U) and V; aMLP adds a tiny attention of x to the gate."""
+    cfg = m.cfg
+    n, length, d, f, dt = cfg.max_len, x.shape[1], x.shape[-1], cfg.d_ff, cfg.compute_dtype
+    z = _activation(cfg)(_dense(m, "proj_in", (2 * f,), d)(x))
+    z1, z2 = z[..., :f], z[..., f:]
+    eps = cfg.norm_eps if cfg.mixer_options.mixer_norm_eps is None else cfg.mixer_options.mixer_norm_eps
+    z2 = make_norm(cfg.norm, eps, cfg.use_bias, dt, cfg.param_jnp_dtype, "sgu_norm")(z2)
+    w = _matrix(m, "spatial", (n, n), nn.initializers.zeros)[:length, :length]
+    b = _matrix(m, "spatial_bias", (n,), nn.initializers.ones)[:length]
+    extra = _tiny_attention(m, x, c.causal, c.valid, c.positions) if tiny_attention else None
+    return _dense(m, "proj_out", (d,), f)(spatial_gating(z1, z2, w.astype(dt), b, extra=extra, causal=c.causal,
+                                                         valid=c.valid)), None
+
+
+def _apply_fnet(m, x, c: MixerCall):
+    """FNet: Re(FFT_seq(FFT_hidden(x))), no parameters (``fnet_mix``)."""
+    if c.valid is not None:
+        raise ValueError("token_mixer='fnet' cannot respect a padding mask (valid): the DFT mixes every "
+                         "position; pass valid=None (pad with a token instead)")
+    return fnet_mix(x, copies=m.cfg.mixer_options.mixer_copies), None
+
+
+def _apply_external(m, x, c: MixerCall):
+    """External Attention with memories M_k [D, S], M_v [S, D] (``external_attention``, token normalisation)."""
+    cfg = m.cfg
+    s, d, pdt = cfg.mixer_options.external_slots, x.shape[-1], cfg.param_jnp_dtype
+    m_k = m.param("memory_key", cfg.kernel_init(), (d, s), pdt) * cfg.kernel_multiplier(d)
+    m_v = m.param("memory_value", cfg.kernel_init(), (s, d), pdt) * cfg.kernel_multiplier(s)
+    return external_attention(x, m_k, m_v, normalize="token", valid=c.valid), None
+
+
+def _apply_conv(m, x, c: MixerCall):
+    """GLU input projection, then a lightweight or dynamic convolution over tokens (``conv_mix``), then W_out."""
+    cfg = m.cfg
+    h, d, opts = cfg.num_heads, x.shape[-1], cfg.mixer_options
+    v = _dense(m, "glu_in", (d,), d)(x) * jax.nn.sigmoid(_dense(m, "glu_gate", (d,), d)(x))
+    if c.valid is not None:
+        v = v * c.valid[:, :, None].astype(v.dtype)
+    vh = v.reshape(v.shape[:2] + (h, d // h))
+    if opts.conv_kind == "lightweight":
+        kernel = jax.nn.softmax(_matrix(m, "conv_kernel", (h, opts.conv_kernel_size), nn.initializers.zeros)
+                                .astype(jnp.float32), axis=-1)
+    else:
+        kernel = jax.nn.softmax(_dense(m, "dynamic", (h, opts.conv_kernel_size), d)(x).astype(jnp.float32), -1)
+    return _dense(m, "conv_out", (d,), d)(conv_mix(vh, kernel, causal=c.causal).reshape(v.shape)), None
+
+
 class TokenMixer(nn.Module):
-    """The token-mixing sub-layer ``cfg.token_mixer`` (one of MIXERS; see the module docstring).
+    """The token-mixing sub-layer ``cfg.token_mixer`` (one of MIXERS; see the module docstring): its registry
+    entry's ``apply`` builds it.
 
     Call: (x [B, L, d_model], *, mask (the model's _MixerMask: kind and key validity), positions,
     deterministic, return_probs, cache_index) -> (y [B, L, d_model], probs [B, H, L, L] for the synthesizers
@@ -258,120 +455,35 @@ class TokenMixer(nn.Module):
     def __call__(self, x, *, mask=None, positions=None, deterministic=True, return_probs=False, cache_index=None):
         cfg = self.cfg
         kind = cfg.token_mixer
-        if cache_index is not None:
+        spec = mixer_spec(kind)
+        if spec.apply is None:
+            raise ValueError(f"TokenMixer runs token_mixer in {MIXERS}; {kind!r} is {spec.module.__name__}'s")
+        if cache_index is not None and not spec.kv_cache:
             raise ValueError(f"cache_index (KV-cache decoding) is not supported by token_mixer={kind!r}")
         causal = getattr(mask, "kind", "bidirectional") == "causal"
-        valid = getattr(mask, "valid", None)
-        length, d = x.shape[1], x.shape[-1]
-        check_length(cfg, length)
-        if kind in BIDIRECTIONAL_ONLY and causal:
+        check_length(cfg, x.shape[1])
+        if spec.bidirectional_only and causal:
             raise ValueError(f"token_mixer={kind!r} has no causal form; use mask='bidirectional'")
-        dt, pdt, n = cfg.compute_dtype, cfg.param_jnp_dtype, cfg.max_len
+        call = MixerCall(causal=causal, valid=getattr(mask, "valid", None), positions=positions,
+                         return_probs=return_probs)
+        return spec.apply(self, x, call)
 
-        def dense(name, features, in_axes=1, fan_in=None, use_bias=None, kernel_init=None):
-            fan = fan_in if fan_in is not None else int(np.prod(x.shape[-1:]))
-            return Dense(tuple(features), in_axes=in_axes, use_bias=cfg.use_bias if use_bias is None else use_bias,
-                         kernel_init=kernel_init or cfg.kernel_init(in_axes), multiplier=cfg.kernel_multiplier(fan),
-                         dtype=dt, param_dtype=pdt, name=name)
 
-        def matrix(name, shape, init):
-            return self.param(name, init, shape, pdt)
-
-        probs = None
-        if kind in ("synthesizer_random", "synthesizer_dense"):
-            h, hd = cfg.num_heads, cfg.head_dim
-            v = dense("value", (h, hd))(x)
-            if kind == "synthesizer_random":
-                logits = matrix("logits", (h, n, n), nn.initializers.normal(0.02))[:, :length, :length]
-                if cfg.synthesizer_frozen:
-                    logits = jax.lax.stop_gradient(logits)
-            else:
-                hidden = jax.nn.relu(dense("dense_hidden", (d,))(x))
-                logits = dense("dense_logits", (h, n), fan_in=d)(hidden)[..., :length]  # [B, L, H, L]
-                logits = jnp.transpose(logits, (0, 2, 1, 3))
-            out = token_matrix_mix(v, logits, softmax=True, causal=causal, valid=valid)
-            if return_probs:
-                probs = _synth_probs(logits, causal, valid, x.shape[0])
-            y = dense("out", (d,), in_axes=2, fan_in=h * hd)(out)
-        elif kind == "mixer":
-            s = token_mlp_dim(cfg)
-            w1 = matrix("token_in", (s, n), _matrix_init(cfg, n))
-            w2 = matrix("token_out", (n, s), _matrix_init(cfg, s))
-            b1 = matrix("token_in_bias", (s,), nn.initializers.zeros)
-            b2 = matrix("token_out_bias", (n,), nn.initializers.zeros)
-            if s == n:
-                w1, b1 = w1[:length, :length], b1[:length]
-                w2 = w2[:length, :length]
-            else:
-                w1, w2 = w1[:, :length], w2[:length]
-            y = token_mlp(x, w1.astype(dt), b1, w2.astype(dt), b2[:length], activation=_activation(cfg),
-                          causal=causal, valid=valid)
-        elif kind == "resmlp":
-            aff = {name: (matrix(f"{name}_alpha", (d,), nn.initializers.constant(a0)),
-                          matrix(f"{name}_beta", (d,), nn.initializers.zeros))
-                   for name, a0 in (("aff_in", 1.0), ("aff_out", 0.1))}
-            w = matrix("token", (n, n), _matrix_init(cfg, n))[:length, :length]
-            b = matrix("token_bias", (n,), nn.initializers.zeros)[:length]
-            z = token_matrix_mix(affine(x, *aff["aff_in"]), w.astype(dt), bias=b, causal=causal, valid=valid)
-            y = affine(z, *aff["aff_out"])
-        elif kind in ("gmlp", "amlp"):
-            f = cfg.d_ff
-            z = _activation(cfg)(dense("proj_in", (2 * f,))(x))
-            z1, z2 = z[..., :f], z[..., f:]
-            eps = cfg.norm_eps if cfg.mixer_norm_eps is None else cfg.mixer_norm_eps
-            z2 = make_norm(cfg.norm, eps, cfg.use_bias, dt, pdt, "sgu_norm")(z2)
-            w = matrix("spatial", (n, n), nn.initializers.zeros)[:length, :length]
-            b = matrix("spatial_bias", (n,), nn.initializers.ones)[:length]
-            extra = self._tiny_attention(x, causal, valid, positions) if kind == "amlp" else None
-            y = dense("proj_out", (d,), fan_in=f)(spatial_gating(z1, z2, w.astype(dt), b, extra=extra,
-                                                                 causal=causal, valid=valid))
-        elif kind == "fnet":
-            if valid is not None:
-                raise ValueError("token_mixer='fnet' cannot respect a padding mask (valid): the DFT mixes every "
-                                 "position; pass valid=None (pad with a token instead)")
-            y = fnet_mix(x, copies=cfg.mixer_copies)
-        elif kind == "external":
-            s = cfg.external_slots
-            m_k = self.param("memory_key", cfg.kernel_init(), (d, s), pdt) * cfg.kernel_multiplier(d)
-            m_v = self.param("memory_value", cfg.kernel_init(), (s, d), pdt) * cfg.kernel_multiplier(s)
-            y = external_attention(x, m_k, m_v, normalize="token", valid=valid)
-        elif kind == "conv":
-            h = cfg.num_heads
-            v = dense("glu_in", (d,))(x) * jax.nn.sigmoid(dense("glu_gate", (d,))(x))
-            if valid is not None:
-                v = v * valid[:, :, None].astype(v.dtype)
-            vh = v.reshape(v.shape[:2] + (h, d // h))
-            if cfg.conv_kind == "lightweight":
-                kernel = jax.nn.softmax(matrix("conv_kernel", (h, cfg.conv_kernel_size), nn.initializers.zeros)
-                                        .astype(jnp.float32), axis=-1)
-            else:
-                kernel = jax.nn.softmax(dense("dynamic", (h, cfg.conv_kernel_size))(x).astype(jnp.float32), -1)
-            y = dense("conv_out", (d,))(conv_mix(vh, kernel, causal=causal).reshape(v.shape))
-        else:
-            raise ValueError(f"token_mixer must be one of {MIXERS}, got {kind!r}")
-        return y, probs
-
-    def _tiny_attention(self, x, causal, valid, positions):
-        """aMLP's tiny single-head attention of the block input, projected to the gate width d_ff."""
-        cfg = self.cfg
-        da, d = cfg.tiny_attention_dim, x.shape[-1]
-        dt, pdt = cfg.compute_dtype, cfg.param_jnp_dtype
-
-        def proj(name, features, in_axes, fan):
-            return Dense(features, in_axes=in_axes, use_bias=cfg.use_bias, kernel_init=cfg.kernel_init(in_axes),
-                         multiplier=cfg.kernel_multiplier(fan), dtype=dt, param_dtype=pdt, name=name)
-
-        q, k, v = (proj(f"tiny_{p}", (1, da), 1, d)(x) for p in ("query", "key", "value"))
-        if cfg.position == "rope" and da % 2 == 0:
-            pos = jnp.arange(x.shape[1]) if positions is None else positions
-            q, k = rope(q, pos, cfg.rope_base), rope(k, pos, cfg.rope_base)
-        length = x.shape[1]
-        m = jnp.tril(jnp.ones((length, length), bool)) if causal else jnp.ones((length, length), bool)
-        m = m[None, None]
-        if valid is not None:
-            m = m & valid[:, None, None, :]
-        out, _ = dot_product_attention(q, k, v, mask=m, scale=1.0 / math.sqrt(da), implementation="einsum")
-        return proj("tiny_out", (cfg.d_ff,), 2, da)(out)
+def _tiny_attention(m, x, causal, valid, positions):
+    """aMLP's tiny single-head attention of the block input, projected to the gate width d_ff."""
+    cfg = m.cfg
+    da, d = cfg.mixer_options.tiny_attention_dim, x.shape[-1]
+    q, k, v = (_dense(m, f"tiny_{p}", (1, da), d)(x) for p in ("query", "key", "value"))
+    if cfg.position == "rope" and da % 2 == 0:
+        pos = jnp.arange(x.shape[1]) if positions is None else positions
+        q, k = rope(q, pos, cfg.rope_base), rope(k, pos, cfg.rope_base)
+    length = x.shape[1]
+    mask = jnp.tril(jnp.ones((length, length), bool)) if causal else jnp.ones((length, length), bool)
+    mask = mask[None, None]
+    if valid is not None:
+        mask = mask & valid[:, None, None, :]
+    out, _ = dot_product_attention(q, k, v, mask=mask, scale=1.0 / math.sqrt(da), implementation="einsum")
+    return _dense(m, "tiny_out", (cfg.d_ff,), da, in_axes=2)(out)
 
 
 def _synth_probs(logits, causal: bool, valid, batch: int):
@@ -390,41 +502,109 @@ def _synth_probs(logits, causal: bool, valid, batch: int):
     return jax.nn.softmax(jnp.where(keep, lg, _fill(sdt)), axis=-1)
 
 
+# ------------------------------------------------------------------------------------------------
+# The registry: every value of TransformerConfig.token_mixer, what builds it and what the model asks of it.
+
+@dataclasses.dataclass(frozen=True)
+class MixerSpec:
+    """One token mixer (kexue.fm/archives/8431): the module that builds the sub-layer and its properties, read
+    by TransformerConfig's checks, Block, Transformer, init_cache, UniVAE and kexue_jax.flops."""
+
+    name: str
+    module: type                     # the sub-layer's Flax module: MultiHeadAttention or TokenMixer
+    scope: str                       # the sub-layer's name in a layer's parameter tree: "attn" or "mixer"
+    apply: Callable | None = None    # TokenMixer: (module, x, MixerCall) -> (y, probs or None)
+    attend: Callable | None = None   # MultiHeadAttention: (module, q, k, v, *, mask, bias, deterministic,
+    #                                  return_probs) -> (weighted sum of v [B, L, H, Dh], probs or None)
+    dense_mask: bool = False         # takes the dense [B, 1, Lq, Lk] mask of any mask kind and T5 relative
+    #                                  positions; else a _MixerMask (kind, valid) of 'causal' / 'bidirectional'
+    kv_cache: bool = False           # incremental decoding with cache_index (init_cache, UniVAE's decoder)
+    replaces_norm: bool = False      # its own affines replace the block's mixer norm (ResMLP)
+    bidirectional_only: bool = False  # no causal form: MLM only
+    length_bound: bool = False       # parameters of size max_len along the token axis (longer inputs raise)
+    mup: bool = True                 # supported under parameterization="mup"
+    head_multiplier: bool = False    # its head size is head_dim x linear_head_multiplier
+    mults: Callable | None = None    # its multiplication count: a function of kexue_jax.flops
+
+
+def _attention_like(name: str, attend: Callable, mults: Callable, **properties) -> MixerSpec:
+    return MixerSpec(name, MultiHeadAttention, "attn", attend=attend, mults=mults, **properties)
+
+
+def _token_mixer(name: str, apply: Callable, **properties) -> MixerSpec:
+    return MixerSpec(name, TokenMixer, "mixer", apply=apply, mults=flops.MIXER_MULTS[name], **properties)
+
+
+#: name -> MixerSpec, for every value of TransformerConfig.token_mixer (consulted through ``mixer_spec``)
+REGISTRY: dict[str, MixerSpec] = {spec.name: spec for spec in (
+    _attention_like("attention", softmax_attend, flops.softmax_attention_mults, dense_mask=True, kv_cache=True),
+    _attention_like("linear", linear_attend, flops.linear_attention_mults, head_multiplier=True),
+    _token_mixer("synthesizer_random", functools.partial(_apply_synthesizer, dense_logits=False), length_bound=True),
+    _token_mixer("synthesizer_dense", functools.partial(_apply_synthesizer, dense_logits=True), length_bound=True,
+                 mup=False),
+    _token_mixer("mixer", _apply_token_mlp, length_bound=True),
+    _token_mixer("resmlp", _apply_resmlp, length_bound=True, replaces_norm=True),
+    _token_mixer("gmlp", functools.partial(_apply_gmlp, tiny_attention=False), length_bound=True),
+    _token_mixer("amlp", functools.partial(_apply_gmlp, tiny_attention=True), length_bound=True, mup=False),
+    _token_mixer("fnet", _apply_fnet, bidirectional_only=True),
+    _token_mixer("external", _apply_external, bidirectional_only=True, mup=False),
+    _token_mixer("conv", _apply_conv),
+)}
+
+
+def mixer_spec(name: str) -> MixerSpec:
+    """The registry entry of token mixer ``name``; ValueError naming the allowed values for another name."""
+    if name not in REGISTRY:
+        raise ValueError(f"token_mixer must be one of {tuple(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
+
+
+def mixer_names(**properties) -> tuple[str, ...]:
+    """The token mixers (registry order) whose entries have all of ``properties``, e.g.
+    ``mixer_names(bidirectional_only=True)`` -> ('fnet', 'external'); TypeError for a property MixerSpec lacks."""
+    fields = {f.name for f in dataclasses.fields(MixerSpec)}
+    unknown = sorted(set(properties) - fields)
+    if unknown:
+        raise TypeError(f"mixer_names: MixerSpec has no field(s) {unknown}; fields are {sorted(fields)}")
+    return tuple(name for name, spec in REGISTRY.items()
+                 if all(getattr(spec, k) == v for k, v in properties.items()))
+
+
+#: the mixers of this module (TokenMixer), in registry order
+MIXERS = mixer_names(scope="mixer")
+#: mixers that cannot be made causal (they raise under mask="causal")
+BIDIRECTIONAL_ONLY = mixer_names(bidirectional_only=True)
+#: mixers with parameters of size max_len along the token axis
+LENGTH_BOUND = mixer_names(length_bound=True)
+
+
 def validate_config(cfg, fail) -> None:
-    """Cross-field checks of the mixer options (called by TransformerConfig; ``fail(field, allowed, got)``)."""
-    for name in ("external_slots", "conv_kernel_size", "tiny_attention_dim", "mixer_copies"):
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            fail(name, "a positive integer", value)
-    if cfg.token_mlp_dim is not None and (not isinstance(cfg.token_mlp_dim, int) or cfg.token_mlp_dim < 1):
-        fail("token_mlp_dim", "None (= max_len) or a positive integer", cfg.token_mlp_dim)
-    if cfg.mixer_norm_eps is not None and not (isinstance(cfg.mixer_norm_eps, (int, float))
-                                               and cfg.mixer_norm_eps > 0):
-        fail("mixer_norm_eps", "None (= norm_eps) or a number > 0", cfg.mixer_norm_eps)
-    if not isinstance(cfg.synthesizer_frozen, bool):
-        fail("synthesizer_frozen", "True or False", cfg.synthesizer_frozen)
-    if cfg.conv_kind not in CONV_KINDS:
-        fail("conv_kind", f"one of {CONV_KINDS}", cfg.conv_kind)
-    kind = cfg.token_mixer
-    if kind not in MIXERS:
+    """Checks of ``cfg.token_mixer`` and ``cfg.mixer_options`` against the rest of the model (called by
+    TransformerConfig; ``fail(field, allowed, got)``). The options alone are checked by MixerOptions."""
+    spec = REGISTRY.get(cfg.token_mixer)
+    if spec is None:  # TransformerConfig names the allowed values
         return
-    masks = cfg.masks_per_layer
-    if any(m not in ("causal", "bidirectional") for m in masks):
-        fail("mask", f"'causal' or 'bidirectional' with token_mixer={kind!r}", cfg.mask)
-    if kind in BIDIRECTIONAL_ONLY and "causal" in masks:
-        fail("mask", f"'bidirectional' with token_mixer={kind!r}, which has no causal form: it trains an MLM "
-                     "(data.objective='mlm'), never a causal LM (choose another token_mixer for one)", cfg.mask)
-    if cfg.position == "relative":
-        fail("position", f"one of ('learned', 'rope', 'none') with token_mixer={kind!r}", cfg.position)
+    kind, masks, opts = spec.name, cfg.masks_per_layer, cfg.mixer_options
+    if not spec.dense_mask:
+        if any(m not in ("causal", "bidirectional") for m in masks):
+            fail("mask", f"'causal' or 'bidirectional' with token_mixer={kind!r}", cfg.mask)
+        if spec.bidirectional_only and "causal" in masks:
+            fail("mask", f"'bidirectional' with token_mixer={kind!r}, which has no causal form: it trains an MLM "
+                         "(data.objective='mlm'), never a causal LM (choose another token_mixer for one)", cfg.mask)
+        if cfg.position == "relative":
+            fail("position", f"one of ('learned', 'rope', 'none') with token_mixer={kind!r}", cfg.position)
+    if spec.scope != "mixer":
+        return
     if kind == "mixer" and "causal" in masks and token_mlp_dim(cfg) != cfg.max_len:
-        fail("token_mlp_dim", f"None or max_len={cfg.max_len} for a causal mixer (hidden units index positions)",
-             cfg.token_mlp_dim)
+        fail("mixer_options.token_mlp_dim", f"None or max_len={cfg.max_len} for a causal mixer (hidden units "
+             "index positions)", opts.token_mlp_dim)
     if kind == "conv":
         if cfg.d_model % cfg.num_heads:
             fail("num_heads", f"a divisor of d_model={cfg.d_model} with token_mixer='conv'", cfg.num_heads)
-        if "bidirectional" in masks and cfg.conv_kernel_size % 2 == 0:
-            fail("conv_kernel_size", "odd for a bidirectional (centred) convolution", cfg.conv_kernel_size)
-    if kind == "fnet" and cfg.d_model % cfg.mixer_copies:
-        fail("mixer_copies", f"a divisor of d_model={cfg.d_model}", cfg.mixer_copies)
-    if cfg.mixer_copies != 1 and kind != "fnet":
-        fail("mixer_copies", "1 unless token_mixer='fnet' (set by upscale.widen)", cfg.mixer_copies)
+        if "bidirectional" in masks and opts.conv_kernel_size % 2 == 0:
+            fail("mixer_options.conv_kernel_size", "odd for a bidirectional (centred) convolution",
+                 opts.conv_kernel_size)
+    if kind == "fnet" and cfg.d_model % opts.mixer_copies:
+        fail("mixer_options.mixer_copies", f"a divisor of d_model={cfg.d_model}", opts.mixer_copies)
+    if opts.mixer_copies != 1 and kind != "fnet":
+        fail("mixer_options.mixer_copies", "1 unless token_mixer='fnet' (set by upscale.widen)", opts.mixer_copies)

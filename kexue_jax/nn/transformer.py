@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from kexue_jax.nn import init as initializers
 from kexue_jax.nn import masks as masks_lib
 from kexue_jax.nn.activations import ACTIVATIONS, HOMOGENEOUS_ACTIVATIONS  # noqa: F401 (re-exported)
-from kexue_jax.nn.attention import ATTN_SCALES, IMPLEMENTATIONS, Dense, MultiHeadAttention
+from kexue_jax.nn.attention import ATTN_SCALES, IMPLEMENTATIONS, Dense
 from kexue_jax.nn import mixers as mixers_lib
 from kexue_jax.nn.norms import (NORM_FREE_RESIDUALS, NORMS, RESIDUALS, deepnorm_alpha, deepnorm_beta, make_norm,
                                  residual)
@@ -50,8 +50,10 @@ HEADS = ("lm", "mlm", "none")
 PARAMETERIZATIONS = ("standard", "ntk", "mup")
 #: token mixers with a width x fixed-size kernel other than the readout (an "output-like" tensor that muP would
 #: give a 1/m forward multiplier of its own): not supported under parameterization="mup".
-MUP_UNSUPPORTED_MIXERS = ("synthesizer_dense", "external", "amlp")
-TOKEN_MIXERS = ("attention", "linear") + mixers_lib.MIXERS  # the others: kexue.fm/archives/8431, nn/mixers.py
+MUP_UNSUPPORTED_MIXERS = mixers_lib.mixer_names(mup=False)
+#: every token mixer: the keys of the registry (kexue.fm/archives/8431, nn/mixers.py)
+TOKEN_MIXERS = tuple(mixers_lib.REGISTRY)
+MixerOptions = mixers_lib.MixerOptions
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -69,6 +71,15 @@ _PRESETS: dict[str, dict[str, Any]] = {
 
 def _fail(field: str, allowed: str, got: Any) -> None:
     raise ValueError(f"TransformerConfig.{field} must be {allowed}, got {got!r}")
+
+
+def _moved(names) -> str:
+    """The hint for former fields that are options of the token mixers now ('' for none)."""
+    moved = sorted(set(names) & set(mixers_lib.OPTION_NAMES))
+    if not moved:
+        return ""
+    return (f" ({', '.join(moved)} moved into mixer_options: e.g. mixer_options=MixerOptions({moved[0]}=...), "
+            f"or --config.model.mixer_options.{moved[0]}=...)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,17 +113,11 @@ class TransformerConfig:
     attn_scale: str = "sqrt"          # sqrt (1/sqrt(d)) | t5 (none; q/k init var / sqrt(d)) | mup (1/d) | none
     mask: str = "causal"              # causal | bidirectional | unilm | uniae | independent
     layer_masks: tuple[str, ...] = ()  # per-layer override of ``mask`` (UniVAE: independent then uniae)
-    token_mixer: str = "attention"    # attention | linear (kexue.fm/archives/8610)
+    token_mixer: str = "attention"    # attention | linear (kexue.fm/archives/8610) | the mixers of 8431
     linear_head_multiplier: int = 1   # head size r * head_dim for linear attention
-    # options of the non-attention mixers (kexue.fm/archives/8431, kexue_jax/nn/mixers.py)
-    synthesizer_frozen: bool = False  # synthesizer_random: logits fixed at their random init
-    token_mlp_dim: int | None = None  # mixer: token-MLP hidden size S (None: max_len; causal needs max_len)
-    external_slots: int = 64          # external: memory slots S
-    conv_kind: str = "lightweight"    # conv: lightweight | dynamic
-    conv_kernel_size: int = 7         # conv: kernel width (odd when bidirectional)
-    tiny_attention_dim: int = 64      # amlp: size of the tiny single-head attention
-    mixer_norm_eps: float | None = None  # gmlp/amlp gate norm eps (None: norm_eps; widen keeps it fixed)
-    mixer_copies: int = 1             # fnet: interleaved channel copies (set by upscale.widen)
+    # options of the non-attention mixers (kexue.fm/archives/8431, kexue_jax/nn/mixers.py); a dict of some of
+    # its fields is read as MixerOptions(**dict)
+    mixer_options: MixerOptions = MixerOptions()
     head: str = "lm"                  # lm (h E^T or h W) | mlm (dense + act + norm + E^T + bias) | none (h)
     tie_embeddings: bool = True
     init_std: float | None = 0.02     # None: second-moment (LeCun) init, embeddings N(0, 1/D)
@@ -124,6 +129,8 @@ class TransformerConfig:
     attention_impl: str = "auto"      # auto | einsum | xla | cudnn
 
     def __post_init__(self):
+        # a dict (to_dict, a config section) -> MixerOptions; errors name TransformerConfig.mixer_options.<field>
+        object.__setattr__(self, "mixer_options", MixerOptions.of(self.mixer_options))
         for name in ("dtype", "param_dtype"):  # jnp.bfloat16 / np.dtype as in flax; stored as the name
             value = getattr(self, name)
             if not isinstance(value, str):
@@ -171,11 +178,6 @@ class TransformerConfig:
             _fail("dropout_rate", "a number in [0, 1)", self.dropout_rate)
         if self.position == "rope" and self.head_dim % 2:
             _fail("head_dim", "even when position='rope'", self.head_dim)
-        if self.token_mixer == "linear":
-            if any(m not in ("causal", "bidirectional") for m in self.masks_per_layer):
-                _fail("mask", "'causal' or 'bidirectional' with token_mixer='linear'", self.mask)
-            if self.position == "relative":
-                _fail("position", "one of ('learned', 'rope', 'none') with token_mixer='linear'", self.position)
         if self.head == "mlm" and not self.tie_embeddings:
             _fail("tie_embeddings", "True with head='mlm' (the MLM head reads the token embedding)",
                   self.tie_embeddings)
@@ -197,9 +199,9 @@ class TransformerConfig:
         if self.token_mixer in MUP_UNSUPPORTED_MIXERS:
             _fail("token_mixer", f"not one of {MUP_UNSUPPORTED_MIXERS} with parameterization='mup' (their "
                   f"width x fixed-size kernels have no muP multiplier here)", self.token_mixer)
-        if self.token_mixer == "conv" and self.conv_kind == "dynamic":
-            _fail("conv_kind", "'lightweight' with parameterization='mup' (the dynamic kernel [D, H, K] is "
-                  "output-like and has no muP multiplier here)", self.conv_kind)
+        if self.token_mixer == "conv" and self.mixer_options.conv_kind == "dynamic":
+            _fail("mixer_options.conv_kind", "'lightweight' with parameterization='mup' (the dynamic kernel "
+                  "[D, H, K] is output-like and has no muP multiplier here)", self.mixer_options.conv_kind)
 
     # -- presets ------------------------------------------------------------------------------
     @classmethod
@@ -212,7 +214,7 @@ class TransformerConfig:
             raise ValueError(f"preset must be one of {tuple(_PRESETS)}, got {name!r}")
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown TransformerConfig field(s) {sorted(unknown)}; fields are "
+            raise ValueError(f"unknown TransformerConfig field(s) {sorted(unknown)}{_moved(unknown)}; fields are "
                              f"{[f.name for f in dataclasses.fields(cls)]}")
         preset = dict(_PRESETS[name])
         if overrides.get("parameterization") == "mup":  # muP's 1/d attention, unless the caller chose one
@@ -220,6 +222,16 @@ class TransformerConfig:
         return cls(**{**preset, **overrides})
 
     def replace(self, **changes) -> "TransformerConfig":
+        """A copy with ``changes``; ``mixer_options`` may be a dict of some options, which replace this config's
+        (``cfg.replace(mixer_options={"mixer_copies": 2})`` keeps the other options)."""
+        moved = set(changes) & set(mixers_lib.OPTION_NAMES)
+        if moved:
+            raise TypeError(f"TransformerConfig.replace: no field(s) {sorted(moved)}{_moved(moved)}")
+        if "mixer_options" in changes and not isinstance(changes["mixer_options"], MixerOptions):
+            options = changes["mixer_options"]
+            if hasattr(options, "keys"):
+                options = MixerOptions.of({**dataclasses.asdict(self.mixer_options), **options})
+            changes["mixer_options"] = options
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -249,9 +261,14 @@ class TransformerConfig:
         return self.layer_masks or (self.mask,) * self.num_layers
 
     @property
+    def mixer_spec(self) -> mixers_lib.MixerSpec:
+        """The registry entry of ``token_mixer`` (``kexue_jax.nn.mixers.REGISTRY``, kexue.fm/archives/8431)."""
+        return mixers_lib.mixer_spec(self.token_mixer)
+
+    @property
     def mixer_head_dim(self) -> int:
         """Head size of the token mixer: head_dim, times linear_head_multiplier for linear attention."""
-        return self.head_dim * (self.linear_head_multiplier if self.token_mixer == "linear" else 1)
+        return self.head_dim * (self.linear_head_multiplier if self.mixer_spec.head_multiplier else 1)
 
     @property
     def width_mult(self) -> float:
@@ -341,8 +358,8 @@ class Block(nn.Module):
             alpha = self.param("rezero_alpha", nn.initializers.zeros, (), cfg.param_jnp_dtype)
         elif cfg.residual == "deepnorm":  # the skip multiplier (2N)^{1/4}; the ramp alpha is not used
             alpha = deepnorm_alpha(cfg.num_layers)
-        mixer = (MultiHeadAttention(cfg, name="attn") if cfg.token_mixer in ("attention", "linear")
-                 else mixers_lib.TokenMixer(cfg, name="mixer"))
+        spec = cfg.mixer_spec  # MultiHeadAttention ("attn") or TokenMixer ("mixer"), kexue.fm/archives/8431
+        mixer = spec.module(cfg, name=spec.scope)
 
         def mix(y):
             out, probs = mixer(y, mask=mask, positions=positions, deterministic=deterministic,
@@ -350,7 +367,7 @@ class Block(nn.Module):
             return _dropout(cfg, out, deterministic), probs
 
         # ResMLP: the Aff affines inside the mixer take the place of the norm (kexue.fm/archives/8431)
-        mix_norm = (lambda y: y) if cfg.token_mixer == "resmlp" else norm("attn_norm")
+        mix_norm = (lambda y: y) if spec.replaces_norm else norm("attn_norm")
         x, probs = residual(cfg.residual, x, mix, mix_norm, alpha)
         ffn = FeedForward(cfg, name="ffn")
         x, _ = residual(cfg.residual, x, lambda y: (_dropout(cfg, ffn(y), deterministic), None),
@@ -413,10 +430,11 @@ class Transformer(nn.Module):
 
         padding = None if valid is None else masks_lib.padding(valid)
         built: dict[str, jax.Array] = {}
+        dense_mask = cfg.mixer_spec.dense_mask  # else the mixer takes the kind and key validity (_MixerMask)
 
         def mask_for(kind):
-            if cfg.token_mixer != "attention":
-                return kind  # linear attention takes the kind, not a dense mask
+            if not dense_mask:
+                return kind
             if kind not in built:
                 built[kind] = masks_lib.and_(masks_lib.make(kind, mask_segments, document_ids), padding)
                 if cache_index is not None:  # rows of this call's queries, keys = the slots written so far
@@ -431,7 +449,7 @@ class Transformer(nn.Module):
                 x = x.at[:, 0].set(jnp.asarray(new, dt))
             hidden.append(x)
             x, probs = Block(cfg, name=f"layer_{i}")(
-                x, mask=_MixerMask(mask_for(kind), valid) if cfg.token_mixer != "attention" else mask_for(kind),
+                x, mask=mask_for(kind) if dense_mask else _MixerMask(mask_for(kind), valid),
                 positions=positions, deterministic=deterministic, alpha=alpha,
                 return_probs=return_intermediates, cache_index=cache_index)
             probs_all.append(probs)
@@ -460,9 +478,10 @@ def init_cache(cfg: TransformerConfig, batch_size: int, length: int) -> dict:
 def _cached_segments(module: nn.Module, cfg: TransformerConfig, segment_ids, positions, cache_index,
                      document_ids, valid):
     """Write this call's segment ids into the cache; return (all cached segment ids, positions, default?)."""
-    if cfg.token_mixer != "attention" or cfg.position == "relative":
-        raise ValueError("cache_index (KV-cache decoding) needs TransformerConfig.token_mixer='attention' and "
-                         f"position in ('learned', 'rope', 'none'), got {cfg.token_mixer!r} / {cfg.position!r}")
+    if not cfg.mixer_spec.kv_cache or cfg.position == "relative":
+        raise ValueError(f"cache_index (KV-cache decoding) needs TransformerConfig.token_mixer in "
+                         f"{mixers_lib.mixer_names(kv_cache=True)} and position in ('learned', 'rope', 'none'), "
+                         f"got {cfg.token_mixer!r} / {cfg.position!r}")
     if document_ids is not None or valid is not None:
         raise ValueError("cache_index does not take document_ids or valid (masked slots are never written)")
     if not module.has_variable("cache", "segment_ids"):

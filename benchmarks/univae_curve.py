@@ -25,9 +25,10 @@ def heldout_and_train_lines(c, n: int) -> tuple[list[str], list[str]]:
     """(the first ``n`` held-out lines in ``evaluate_run``'s order, ``n`` training lines drawn with another seed)."""
     import numpy as np  # noqa: PLC0415
     from kexue_jax.experiments import univae  # noqa: PLC0415
+    from kexue_jax.streams import stream_seed  # noqa: PLC0415
     tr, va = univae.load_lines(c)
-    order = np.random.default_rng(int(c.seed) + 1).permutation(len(va))
-    pick = np.random.default_rng(int(c.seed) + 2).permutation(len(tr))[:n]
+    order = np.random.default_rng(stream_seed(int(c.seed), "evaluation_lines")).permutation(len(va))
+    pick = np.random.default_rng(stream_seed(int(c.seed), "curve_training_lines")).permutation(len(tr))[:n]
     return [va[i] for i in order[:n]], [tr[i] for i in pick]
 
 

@@ -46,6 +46,7 @@ from kexue_jax import data as data_lib
 from kexue_jax import flops as flops_lib
 from kexue_jax import metrics as metrics_lib
 from kexue_jax import parallel
+from kexue_jax.streams import stream_seed
 from kexue_jax.nn import Transformer, TransformerConfig, alpha_schedule, mup_lr_scales
 
 log = logging.getLogger("kexue_jax")
@@ -354,7 +355,7 @@ def eval_host_batches(corpus: Corpus, data_cfg, num_batches: int, seed: int) -> 
     """Fixed validation batches: contiguous windows for LM; for MLM, masked windows with a fixed seed."""
     num = min(num_batches, max(1, (len(corpus.val) - 1) // data_cfg.seq_len // data_cfg.batch_size))
     if data_cfg.objective == "mlm":
-        return [data_lib.mlm_batch(corpus.val, step=i, seed=seed + 7919, batch_size=data_cfg.batch_size,
+        return [data_lib.mlm_batch(corpus.val, step=i, seed=stream_seed(seed, "mlm_validation"), batch_size=data_cfg.batch_size,
                                    seq_len=data_cfg.seq_len, mask_rate=data_cfg.mask_rate,
                                    process_index=jax.process_index(), process_count=jax.process_count())
                 for i in range(num)]

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from kexue_jax import dims, reporting
+from kexue_jax.streams import stream_key
 
 NORMS = ("sphere", "free")
 
@@ -140,7 +141,7 @@ def sweep(lengths=(16, 64, 256, 512), temperatures=(1.0, 0.1), norms=("sphere", 
             for norm in norms:
                 t0 = time.perf_counter()
                 ds = [d for d in head_dim_grid(length) if max_head_dim is None or d <= max_head_dim]
-                kls = [fit_attention(target, d, key=jax.random.fold_in(key, 7919 * d + 1), steps=steps,
+                kls = [fit_attention(target, d, key=stream_key(key, "fit", d), steps=steps,
                                      learning_rate=learning_rate, norm=norm) for d in ds]
                 explained = [1.0 - kl / base for kl in kls]
                 curve = {"length": length, "temperature": temperature, "norm": norm, "kl_uniform": base,

@@ -60,6 +60,7 @@ from kexue_jax import reporting
 from kexue_jax import training
 from kexue_jax.nn import Transformer, TransformerConfig
 from kexue_jax.nn.mixers import BIDIRECTIONAL_ONLY, MIXERS
+from kexue_jax.streams import stream_seed
 
 ALL_MIXERS = ("attention",) + MIXERS
 OBJECTIVES = ("mlm", "lm")
@@ -309,13 +310,13 @@ def genre_config(config, steps: int | None = None, **data) -> ml_collections.Con
     """The config of a fine-tune (a ``training.run_loop`` phase): ``study.ft_*`` as optim / train / data
     fields. AdamW (``training.make_optimizer``, no clipping, b2 0.999, weight decay 0.01 on matrices) at
     ``ft_lr`` with a linear warmup over a tenth of the steps and a cosine decay to 0; the test accuracy at the
-    end; seed ``config.seed`` + 11 (the init key and the batches). ``steps``: the fine-tune's steps (None:
+    end; seed: the "fine_tune" stream of ``config.seed`` (the init key and the batches). ``steps``: the fine-tune's steps (None:
     ``study.ft_steps``, the genre fine-tune); ``data``: further ``data`` fields (a label-fraction fine-tune
     names its task, fraction and lines, so that its workdir resumes under that data only)."""
     s = config.study
     steps = int(s.ft_steps if steps is None else steps)
     return ml_collections.ConfigDict(dict(
-        experiment="mixers_genre", seed=int(config.seed) + 11,
+        experiment="mixers_genre", seed=stream_seed(int(config.seed), "fine_tune"),
         optim=dict(lr=float(s.ft_lr), warmup_steps=max(1, steps // 10), schedule="cosine", min_lr_ratio=0.0,
                    weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, clip_norm=None),
         train=dict(steps=steps, log_every=max(1, steps // 4), eval_every=steps, checkpoint_every=steps,

@@ -17,18 +17,15 @@ import contextlib  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-# A compilation cache of this test session only (a fresh folder, removed at exit: nothing carries over between
-# runs). A test that builds a computation some earlier test already compiled, in a new jit (each training.train
-# call and each job phase jits its steps anew), loads the executable instead of compiling it again: the same
-# executable XLA would build, so no result changes. KEXUE_TEST_XLA_CACHE=0 turns it off.
-if os.environ.get("KEXUE_TEST_XLA_CACHE", "1") != "0":
+# KEXUE_TEST_XLA_CACHE=1: a compilation cache of this test session only (a fresh folder, removed at exit). A test
+# that builds a computation some earlier test already compiled, in a new jit, loads the executable instead of
+# compiling it again. Off by default: with jax 0.10.2 on CPU, writing entries (executable.serialize()) crashed the
+# whole session natively in 4 of 5 full runs, always in the float64 tests of test_upscale.py or test_training.py.
+if os.environ.get("KEXUE_TEST_XLA_CACHE", "0") == "1":
     _XLA_CACHE = tempfile.mkdtemp(prefix="kexue_jax_tests_xla_cache_")
     atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
     jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
-    # only computations that took >= 0.3 s to compile (train steps, models): caching every eager primitive's
-    # executable as well wrote thousands of tiny entries, and serializing them (executable.serialize()) crashed
-    # the session natively three times in four full runs (jax 0.10.2, CPU); the expensive ones are the savings
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)  # the expensive compilations only
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 import pytest  # noqa: E402

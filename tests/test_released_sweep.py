@@ -63,12 +63,13 @@ def test_univae_curve_lines_are_evaluate_runs_heldout_lines_and_training_lines()
     import numpy as np  # noqa: PLC0415
     from configs import univae as univae_config  # noqa: PLC0415
     from kexue_jax.experiments import univae  # noqa: PLC0415
+    from kexue_jax.streams import stream_seed  # noqa: PLC0415
     sys.path.insert(0, str(REPO / "benchmarks"))
     import univae_curve  # noqa: PLC0415
     c = univae_config.get_config("tiny")
     held, train = univae_curve.heldout_and_train_lines(c, 40)
     tr, va = univae.load_lines(c)
-    order = np.random.default_rng(int(c.seed) + 1).permutation(len(va))
+    order = np.random.default_rng(stream_seed(int(c.seed), "evaluation_lines")).permutation(len(va))  # evaluate_run's
     assert held == [va[i] for i in order[:40]] and len(train) == 40 and set(train) <= set(tr)
     assert not set(held) & set(train)
 

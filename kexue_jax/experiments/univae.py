@@ -400,6 +400,7 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
     """samples.md and report.json (see the module docstring)."""
     e = c.eval
     rng = np.random.default_rng(stream_seed(int(c.seed), "evaluation_lines"))
+    base_key = jax.random.PRNGKey(int(c.seed))  # the report's resampling streams fold into it
     va_lines = list(va_lines)
     order = rng.permutation(len(va_lines))
     held = [va_lines[i] for i in order[:e.n_heldout]]
@@ -424,7 +425,7 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
                                          static_argnums=3), params)
     texts = {}
     for name, layer in (("lowest", 0), ("highest", cfg.n_latent - 1)):
-        key = stream_key(jax.random.PRNGKey(int(c.seed)), "multiscale_resample", layer)
+        key = stream_key(base_key, "multiscale_resample", layer)
         texts[name] = [to_text(r, vocab) for r in _batched(lambda x, k=key, layer=layer: resample(x, k, layer),
                                                            ms_src, bs)]
     # reference points: the plain reconstruction (nothing resampled) and an unrelated held-out line
@@ -464,7 +465,8 @@ def evaluate_run(c, workdir: str, cfg: U.UniVAEConfig, params, vocab: Vocab, va_
     for name, layer in (("lowest", 0), ("highest", cfg.n_latent - 1)):
         lines_md += ["", f"## Resampling the {name} latent layer (`--layers {layer}`; Transformer layer "
                          f"{cfg.latent_layers[layer]}), 5 draws each", ""]
-        outs = [np.asarray(resample(jnp.asarray(five), stream_key(jax.random.PRNGKey(int(c.seed)), "resample_draw", r), layer)) for r in range(5)]
+        outs = [np.asarray(resample(jnp.asarray(five), stream_key(base_key, "resample_draw", r), layer))
+                for r in range(5)]
         for i in range(min(5, len(held))):
             lines_md += [f"- `{held[i]}` ->"] + [f"  - `{to_text(o[i], vocab)}`" for o in outs]
     with open(os.path.join(workdir, "samples.md"), "w", encoding="utf-8") as f:

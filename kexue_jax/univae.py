@@ -340,11 +340,18 @@ def forward(params, cfg: UniVAEConfig, tokens, *, z=None, key=None, target=None,
     z=None and key given: z_l ~ vMF(mu_l, kappa) (training); z=None, key=None: z_l = mu_l (encoder mode);
     with ``cfg.quantize`` and z=None: z_l = quantize(codebook_l, mu_l)'s straight-through z_q in both modes
     (key unused); z given [B, n_latent, z_dim]: decoder mode (mu is still computed, from the source). With
-    ``return_intermediates`` also the Transformer's aux (hidden states per layer)."""
+    ``return_intermediates`` also the Transformer's aux (hidden states per layer).
+
+    Training mode (key given) also applies the model's dropout (``cfg.model.dropout_rate``: the embeddings,
+    the attention probabilities and each residual branch) with a key split from ``key``; at rate 0 the key and
+    every draw stay as they were. Encoder and decoder modes (key=None) are deterministic."""
     tokens = _check_tokens(cfg, tokens)
     b, s = tokens.shape
     inputs = jnp.concatenate([tokens, tokens if target is None else _check_tokens(cfg, target)], axis=1)
     mus, zs = [], []
+    k_drop = None
+    if key is not None and cfg.model.dropout_rate > 0:
+        key, k_drop = jax.random.split(key)
     keys = None if key is None else jax.random.split(key, cfg.n_latent)
 
     def make_inject(i, l):
@@ -368,7 +375,8 @@ def forward(params, cfg: UniVAEConfig, tokens, *, z=None, key=None, target=None,
     inject = {l: make_inject(i, l) for i, l in enumerate(cfg.latent_layers)}
     out = Transformer(transformer_config(cfg)).apply(
         {"params": params["transformer"]}, inputs, segment_ids(b, s), valid=inputs != cfg.pad_id,
-        inject=inject, return_intermediates=return_intermediates)
+        inject=inject, return_intermediates=return_intermediates, deterministic=k_drop is None,
+        rngs=None if k_drop is None else {"dropout": k_drop})
     logits, aux = out if return_intermediates else (out, None)
     res = (logits, jnp.stack(mus, 1), jnp.stack(zs, 1))
     return res + (aux,) if return_intermediates else res

@@ -178,6 +178,22 @@ def test_word_dropout_masks_only_real_decoder_inputs_at_the_rate(model):
 
 # -- KV cache ------------------------------------------------------------------------------------
 
+def test_model_dropout_applies_in_training_mode_only(model):
+    """``model.dropout_rate`` reaches the Transformer when a key is given (training), not in encoder/decoder
+    modes; at rate 0 the training draws are the ones of the model without the field (key not split)."""
+    cfg, params = model
+    drop = cfg.replace(model=cfg.model.replace(dropout_rate=0.5))
+    tok = _tokens(jax.random.PRNGKey(1))
+    z = jnp.asarray(U.encode(params, cfg, tok))                      # fixed z: only dropout can differ
+    a = _forward(params, drop, tok, z=z, key=jax.random.PRNGKey(3))[0]
+    b = _forward(params, drop, tok, z=z, key=jax.random.PRNGKey(4))[0]
+    assert float(jnp.max(jnp.abs(a - b))) > 1e-2                     # two dropout masks, two outputs
+    chex.assert_trees_all_equal(_forward(params, drop, tok, z=z)[0], _forward(params, cfg, tok, z=z)[0])
+    chex.assert_trees_all_equal(_forward(params, drop.replace(model=cfg.model.replace(dropout_rate=0.0)), tok,
+                                         key=jax.random.PRNGKey(3)),
+                                _forward(params, cfg, tok, key=jax.random.PRNGKey(3)))
+
+
 @pytest.mark.parametrize("method", ["greedy", "sample"])
 def test_cached_decoding_equals_uncached(model, method):
     cfg, params = model

@@ -13,9 +13,11 @@ Variants (``--config=configs/univae.py:VARIANT``):
   minilm   initialised from all-MiniLM-L6-v2 (6 layers, d 384, post-LN BERT) with its WordPiece tokenizer,
            like the post's pre-trained encoder (the post: RoFormer-char base, 4 latent layers of 12);
   pod      accelerator size: 12 x 768 (the post's base size), 4 latent layers, src_len 64, batch 256.
-Model fields are any TransformerConfig field (``--config.model.d_model=256``); the latent path is
-``config.univae`` (n_latent, z_dim, kappa, src_len, word_dropout, quantize); ``config.eval`` sizes the
-measurements (it may change when a finished run is rerun: only the measurements are redone).
+``--config.data.long_lines=split`` also trains on the pieces of the longer lines (cut at spaces into at most
+src_len - 2 bytes; the held-out lines stay whole lines). Model fields are any TransformerConfig field
+(``--config.model.d_model=256``); the latent path is ``config.univae`` (n_latent, z_dim, kappa, src_len,
+word_dropout, quantize); ``config.eval`` sizes the measurements (it may change when a finished run is rerun: only
+the measurements are redone).
 VQ variant (the post's "sentence -> fixed-length discrete code"): ``--config.univae.quantize=True`` replaces
 the vMF noise by the nearest of ``univae.codebook_size`` unit codes per latent layer (straight-through) and
 adds the VQ-VAE loss with commitment weight ``univae.commitment``; kappa is then unused.
@@ -35,7 +37,7 @@ def get_config(arg: str | None = None):
     c.univae = ml_collections.ConfigDict(dict(n_latent=3, z_dim=16, kappa=32.0, src_len=32, init_from="",
                                               quantize=False, codebook_size=256, commitment=0.25,
                                               word_dropout=0.0))
-    c.data.update(min_bytes=8, batch_size=64)
+    c.data.update(min_bytes=8, batch_size=64, long_lines="drop")
     c.eval = ml_collections.ConfigDict(dict(method="greedy", beam_size=4, n_heldout=500, n_resample=200,
                                             n_prior=200, lm_variant="default", lm_steps=600))
     c.optim.update(weight_decay=0.01)

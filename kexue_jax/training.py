@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
@@ -149,6 +150,23 @@ def model_lr_scales(model_cfg: TransformerConfig | None):
     return mup_lr_scales(shapes, model_cfg)
 
 
+def optim_key(optim) -> tuple | None:
+    """The settings of the optim section ``optim`` as a sorted tuple of (name, value), or None where a value is
+    not hashable: the key under which :func:`make_optimizer` caches the optimizer of equal settings."""
+    try:
+        items = tuple(sorted((str(k), v) for k, v in optim.items()))
+        hash(items)
+    except (AttributeError, TypeError):
+        return None
+    return items
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_optimizer(items: tuple, total_steps: int, start: int, model_cfg) -> optax.GradientTransformation:
+    return _build_optimizer(ml_collections.ConfigDict(dict(items)), total_steps, start=start,
+                            model_cfg=model_cfg)
+
+
 def make_optimizer(optim, total_steps: int, *, update_scales=None, start: int = 0, lr_scales=None,
                    schedule=None, model_cfg: TransformerConfig | None = None) -> optax.GradientTransformation:
     """AdamW with global-norm clipping and decoupled weight decay on matrices (ndim >= 2).
@@ -158,7 +176,24 @@ def make_optimizer(optim, total_steps: int, *, update_scales=None, start: int = 
     model (``upscale``). ``lr_scales`` multiplies the whole step of each tensor (decay included), i.e. a
     per-tensor learning rate lr_i = lr x lr_scales_i. ``model_cfg``: the model the optimizer trains; under
     muP its per-tensor rates (``model_lr_scales``) multiply ``lr_scales``. ``schedule`` replaces
-    ``make_schedule(optim, total_steps, start=start)``."""
+    ``make_schedule(optim, total_steps, start=start)``.
+
+    Without ``update_scales``, ``lr_scales`` and ``schedule``, the optimizer is cached on the settings
+    (:func:`optim_key`), ``total_steps``, ``start`` and ``model_cfg``: equal settings give the same object, so
+    a rerun or a resume in the same process reuses the compiled step (:func:`make_step` is cached on it)."""
+    key = None if update_scales is not None or lr_scales is not None or schedule is not None else optim_key(optim)
+    try:
+        hash(model_cfg)
+    except TypeError:
+        key = None
+    if key is not None:
+        return _cached_optimizer(key, int(total_steps), int(start), model_cfg)
+    return _build_optimizer(optim, total_steps, update_scales=update_scales, start=start, lr_scales=lr_scales,
+                            schedule=schedule, model_cfg=model_cfg)
+
+
+def _build_optimizer(optim, total_steps: int, *, update_scales=None, start: int = 0, lr_scales=None,
+                     schedule=None, model_cfg: TransformerConfig | None = None) -> optax.GradientTransformation:
     def decay_mask(params):
         return jax.tree_util.tree_map(lambda x: jnp.ndim(x) >= 2, params)
 
@@ -262,10 +297,12 @@ def _forward(model: Transformer, params, batch, *, train: bool, alpha, rng):
                        alpha=alpha, rngs={"dropout": rng} if train else None)
 
 
+@functools.lru_cache(maxsize=64)
 def lm_loss(model: Transformer, *, alpha_warmup_steps: int = 0) -> LossFn:
     """The language model's loss as a :data:`LossFn`: (sum of weighted token cross-entropies, {"count": sum of
     weights}) (:func:`loss_terms`), dropout on where the model has it (key = the step's key), and the
-    alpha-residual scale alpha_t = min(1, t / T) of the step (``alpha_warmup_steps`` = T; 8620)."""
+    alpha-residual scale alpha_t = min(1, t / T) of the step (``alpha_warmup_steps`` = T; 8620). Cached: an
+    equal model (modules of equal configs are equal) gets the same function, and so the same compiled step."""
     dropout = model.cfg.dropout_rate > 0.0
 
     def loss_fn(params, batch, key, step):
@@ -286,8 +323,9 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation, *, see
     return lambda state, batch: step(state, batch, key)
 
 
+@functools.lru_cache(maxsize=64)
 def make_eval_step(model: Transformer):
-    """eval(params, batch) -> (sum of token NLL, token count)."""
+    """eval(params, batch) -> (sum of token NLL, token count). Cached on the model, as :func:`lm_loss`."""
     def step(params, batch):
         return loss_terms(_forward(model, params, batch, train=False, alpha=1.0, rng=None), batch)
     return step
@@ -307,6 +345,14 @@ def init_state(model: Transformer, tx: optax.GradientTransformation, key, seq_le
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     params = model.init(key, tokens)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+@functools.lru_cache(maxsize=64)
+def state_initializer(model: Transformer, tx: optax.GradientTransformation, seq_len: int) -> Callable:
+    """key -> :func:`init_state` (``model``, ``tx``, key, ``seq_len``): a phase's ``init``. Cached, so that an
+    equal model and optimizer (:func:`make_optimizer` caches it) give the same function, whose jitted
+    initialization a rerun in the same process reuses."""
+    return lambda key: init_state(model, tx, key, seq_len)
 
 # ------------------------------------------------------------------------------------------------
 # Data for the loop.
@@ -854,7 +900,7 @@ def train(config, workdir: str, *, stop_after: int | None = None) -> PhaseResult
     say(f"model: {model_cfg.to_dict()}")
     say(f"devices: {parallel.describe(mesh)}; corpus: {len(corpus.train):,} train / {len(corpus.val):,} val bytes")
     phase = Phase(model_cfg=model_cfg, tx=tx, start=0, end=config.train.steps, workdir=workdir,
-                  init=lambda key: init_state(model, tx, key, config.data.seq_len),
+                  init=state_initializer(model, tx, config.data.seq_len),
                   schedule=make_schedule(config.optim, config.train.steps))
     result = run_phase(phase, config, corpus, mesh, stop_after=stop_after)
     if _is_primary() and config.train.plot:

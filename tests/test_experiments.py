@@ -70,14 +70,17 @@ def test_upscale_tiny_main_job(tmp_path, capsys):
 def test_upscale_job_grows_inside_the_mesh_like_on_one_device(tmp_path):
     """The pod path: with FSDP over 4 of 8 devices the job widens inside the mesh (``grow_state``: one jit
     with the big state's shardings as outputs, no host gather) and gives the single-device numbers (fp32
-    rounding)."""
+    rounding). Arm A alone (B is the same scratch run as in test_training's mesh tests), to the cap of B's
+    analytic FLOPs: 11 big steps after widening at step 4 on both layouts."""
     one = _tiny(steps=12, widen_at=4)
-    one.upscale.arms = ("upscaled", "scratch")
+    one.upscale.update(arms=("upscaled",), cap=1.0)
     one.parallel.update(data=1, fsdp=1)
     r1 = experiments.run(one, str(tmp_path / "one"))
     sharded = _tiny(steps=12, widen_at=4)
+    sharded.upscale.update(arms=("upscaled",), cap=1.0)
     sharded.parallel.update(data=2, fsdp=4)
     r8 = experiments.run(sharded, str(tmp_path / "fsdp"))
+    assert r1["big_steps_run"] == r8["big_steps_run"] == 11
     assert r8["final_loss_upscaled"] == pytest.approx(r1["final_loss_upscaled"], abs=2e-4)
     assert r8["loss_after_widen"] == pytest.approx(r1["loss_after_widen"], abs=2e-5)
 
@@ -111,8 +114,11 @@ def test_aggregate_gives_mean_and_sample_std_over_seeds():
     assert agg["compute_saving"] == {"mean": pytest.approx(0.8), "std": pytest.approx(np.std([0.7, 0.9], ddof=1)),
                                      "n": 2, "values": [0.7, None, 0.9]}
     assert agg["final_loss_scratch"]["std"] == pytest.approx(0.1)
-    assert agg["compute_saving_given_small"] is None
-    assert "0.8 ± 0.14 (n=2, 1 not reached)" in upscale_experiment.format_table(agg)
+    assert "compute_saving_given_small" not in agg and "family_saving" not in agg  # no seed has them
+    per_seed[0]["family_saving"] = None                                                # a released run that missed
+    assert upscale_experiment.aggregate(per_seed)["family_saving"] is None
+    table = upscale_experiment.format_table(agg)
+    assert "0.8 ± 0.14 (n=2, 1 not reached)" in table and "family saving" not in table
 
 
 def test_compute_saving_figures_from_curves():

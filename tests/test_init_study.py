@@ -6,8 +6,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs.init_study import get_config
@@ -118,15 +120,16 @@ def test_rerun_with_other_settings_trains_its_own_cells(tiny_run, tmp_path, caps
     _, workdir, _ = tiny_run
     shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
     config = get_config("tiny")
-    config.study.sections, config.study.param_lrs = ("param",), (1e-3,)  # 2 cells, trained by the fixture's run
+    # 1 cell (pre_L1_w0_lr0.001), trained by the fixture's run
+    config.study.sections, config.study.param_lrs, config.study.parameterizations = ("param",), (1e-3,), ("standard",)
     init_study.run(config, str(tmp_path))
     assert capsys.readouterr().out.count("final val") == 0
     config.data.batch_size, config.model.d_model = 8, 48
     again = init_study.run(config, str(tmp_path))
-    assert capsys.readouterr().out.count("final val") == 2  # every cell trained anew, none reused
+    assert capsys.readouterr().out.count("final val") == 1  # trained anew, not reused
     assert {(r["d_model"], r["name"]) for r in again["runs"]} == {(48, c.name) for c in
                                                                   init_study.grid(config, init_study.validate(config))}
-    assert len(os.listdir(tmp_path / "cells")) == 26 + 2  # the old settings' cells are kept, never mixed in
+    assert len(again["runs"]) == 1 and len(os.listdir(tmp_path / "cells")) == 26 + 1  # the old cells are kept, unmixed
     config.train.plot, config.study.report_only = False, True  # settings that do not train: same cells
     assert [r["name"] for r in init_study.run(config, str(tmp_path))["runs"]] == [r["name"] for r in again["runs"]]
 
@@ -145,6 +148,36 @@ def test_lr_schedule_and_truncation_helpers():
     assert float(out["a"]["kernel"][0, 0]) == pytest.approx(math.sqrt(init_lib.truncated_normal_variance()))
     assert float(out["a"]["kernel"][0, 0]) == pytest.approx(1 / 1.1368472, rel=1e-6)
     assert float(out["a"]["bias"][0]) == 1.0 and float(out["embed"]["token"][0, 0]) == 1.0
+
+
+def test_cells_of_one_model_share_their_optimizer_whatever_their_lr_and_warmup():
+    """cell_optimizer: one tx for every cell (so one compiled step per model), the cell's lr and warmup in its state;
+    its updates equal those of make_optimizer(cell_optim(cell)), the cell's own schedule compiled in."""
+    from kexue_jax import training
+
+    config = get_config("tiny")
+    cells = [c for c in init_study.grid(config, init_study.validate(config)) if c.model.residual == "pre"]
+    picked = [next(c for c in cells if (c.lr, c.warmup) == lw) for lw in ((2e-3, 0), (2e-3, 3), (1e-2, 0))]
+    params = {"dense": {"kernel": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "bias": jnp.ones(3)}}
+    txs = []
+    for cell in picked:
+        tx, state = init_study.cell_optimizer(cell, config, params)
+        txs.append(tx)
+        hyper = state.hyperparams
+        assert float(hyper["lr"]) == np.float32(cell.lr) and int(hyper["warmup_steps"]) == cell.warmup
+        optim = init_study.cell_optim(cell, config)
+        own, lr = training.make_optimizer(optim, config.train.steps), training.make_schedule(optim, config.train.steps)
+        ours = [float(init_study.cell_schedule(t, cell.lr, cell.warmup, 12, 0.1)) for t in range(15)]
+        np.testing.assert_allclose(ours, [float(lr(t)) for t in range(15)], rtol=1e-6)
+        own_state, p, q = own.init(params), params, params
+        for t in range(5):  # the same steps, warmup and decay included
+            grads = jax.tree_util.tree_map(lambda x: jnp.cos(x * (t + 1)), p)
+            u, state = tx.update(grads, state, p)
+            v, own_state = own.update(grads, own_state, q)
+            p, q = optax.apply_updates(p, u), optax.apply_updates(q, v)
+            assert float(optax.tree.norm(u)) > 0 or (cell.warmup and t == 0)  # lr_0 = 0 under a warmup
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), p, q)
+    assert txs[0] is txs[1] is txs[2]
 
 
 def test_study_config_errors_name_the_field(tmp_path):

@@ -1,10 +1,10 @@
 """muP (Tensor Programs V; beyond kexue.fm/archives/8620): per-tensor rates, init, readout, exact widening."""
+import functools
 import math
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -224,6 +224,7 @@ def test_first_step_after_widening_uses_the_big_models_mup_rates_and_nothing_els
     p0 = random_params(cfg)
     tx = training.make_optimizer(optim, 10, model_cfg=cfg)
 
+    @functools.partial(jax.jit, static_argnums=(0, 1))  # one compilation per model, not one per eager op
     def step(c, t, p, s, toks):
         g = jax.grad(lambda q: _loss(c, q, toks))(p)
         u, s = t.update(g, s, p)

@@ -114,6 +114,37 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, short_runs):
     chex.assert_trees_all_close(final_params(accum), final_params(whole), atol=2e-6, rtol=2e-5)
 
 
+def test_equal_settings_share_the_optimizer_loss_and_init_so_a_rerun_reuses_the_compiled_step():
+    c = short()
+    tx = training.make_optimizer(c.optim, 6)
+    assert training.make_optimizer(short().optim, 6) is tx  # another ConfigDict with the same settings
+    assert training.make_optimizer(short(**{"optim.lr": 1e-3}).optim, 6) is not tx
+    assert training.make_optimizer(c.optim, 7) is not tx
+    assert training.make_optimizer(c.optim, 6, schedule=training.make_schedule(c.optim, 6)) is not tx  # not cached
+    assert training.optim_key(c.optim) == tuple(sorted(c.optim.items()))
+    assert training.optim_key({"lr": 1e-3, "betas": [0.9, 0.95]}) is None  # a list is not hashable: not cached
+    # the cached optimizer is the one built from the settings: the same updates, bitwise
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    grads = jax.tree_util.tree_map(lambda p: jnp.sin(p) + 0.5, params)
+    fresh = training._build_optimizer(c.optim, 6)
+    s1, s2 = tx.init(params), fresh.init(params)
+    update1, update2 = jax.jit(tx.update), jax.jit(fresh.update)
+    for _ in range(3):
+        u1, s1 = update1(grads, s1, params)
+        u2, s2 = update2(grads, s2, params)
+        chex.assert_trees_all_equal(u1, u2)
+    model = Transformer(config_lib.model_config(c.model))
+    same = Transformer(config_lib.model_config(short().model))
+    assert training.lm_loss(same, alpha_warmup_steps=3) is training.lm_loss(model, alpha_warmup_steps=3)
+    assert training.lm_loss(model, alpha_warmup_steps=4) is not training.lm_loss(model, alpha_warmup_steps=3)
+    assert training.make_eval_step(same) is training.make_eval_step(model)
+    init = training.state_initializer(model, tx, 8)
+    assert training.state_initializer(same, training.make_optimizer(short().optim, 6), 8) is init
+    chex.assert_trees_all_equal(jax.jit(init)(jax.random.PRNGKey(1)),
+                                jax.jit(training.init_state, static_argnums=(0, 1, 3))(model, tx,
+                                                                                     jax.random.PRNGKey(1), 8))
+
+
 def test_killed_run_resumes_bitwise(tmp_path, capsys, short_runs):
     full, _ = short_runs(6)  # short() runs 6 steps
     # killed after 4 steps: the last checkpoint is step 3, step 4 is lost

@@ -515,6 +515,35 @@ def test_edit_distance_and_reconstruction_metrics():
                               20, 3) == ["To be, or not"]
 
 
+def test_long_lines_split_into_word_pieces_for_training_only():
+    from configs import univae as univae_configs
+    from kexue_jax.experiments import univae as job
+
+    line = "To be, or not to be, that is the question: whether tis nobler"
+    assert job.line_pieces(line, 30) == ["To be, or not to be, that is", "the question: whether tis", "nobler"]
+    assert job.line_pieces("short line", 30) == ["short line"]
+    assert job.line_pieces("a " + "x" * 12 + " b c", 10) == ["a", "b c"]   # a word over the limit is left out
+    long = " ".join([line] * 3)
+    pieces = job.line_pieces(long, 17)
+    assert " ".join(pieces) == long and all(len(p.encode()) <= 17 for p in pieces)  # every word kept, in order
+    assert all(len(f"{a} {b.split()[0]}".encode()) > 17 for a, b in zip(pieces, pieces[1:]))  # greedy packing
+    plays = [type("P", (), {"text": f"HAMLET:\n{line}\nab cd ef\nTo be, or not to be, that is\n"})()]
+    assert job.distinct_lines(plays, 30, 3) == ["ab cd ef", "To be, or not to be, that is"]
+    assert job.distinct_lines(plays, 30, 8, "split") == ["To be, or not to be, that is", "the question: whether tis",
+                                                          "ab cd ef"]             # "nobler" < 8 bytes, repeats once
+    with pytest.raises(ValueError, match="long_lines must be one of"):
+        job.distinct_lines(plays, 30, 3, "wrap")
+    c = univae_configs.get_config("tiny")
+    c.data.long_lines = "wrap"
+    with pytest.raises(ValueError, match=r"config.data.long_lines must be one of \('drop', 'split'\)"):
+        job.validate(c)
+    c.data.long_lines = "split"
+    tr, va = job.load_lines(c)
+    c.data.long_lines = "drop"
+    tr0, va0 = job.load_lines(c)
+    assert va == va0 and set(tr0) < set(tr) and len(tr) > 5 * len(tr0)   # held-out lines unchanged
+
+
 def test_minilm_variant_uses_wordpiece_and_matches_the_checkpoint():
     pytest.importorskip("tokenizers")
     from configs import univae as univae_configs

@@ -28,14 +28,15 @@ per run), ``DIR/table.md`` (a heat-map-style table: final loss per cell, "div" w
 ``DIR/loss_curves.png``.
 
 Each cell trains as a ``training.Phase`` run by ``training.run_loop`` (:func:`run_cell`), the loop of every
-job: ``training.make_optimizer`` with the cell's lr and warmup (``training.make_schedule``: linear warmup,
-cosine decay), the language-model loss, batches addressed by step, and an evaluator recording the validation
+job: ``training.make_optimizer`` with the cell's lr and warmup (:func:`cell_schedule`: linear warmup, cosine
+decay), the language-model loss, batches addressed by step, and an evaluator recording the validation
 loss, the residual scale and, at ``study.grad_steps``, the gradient norm of every layer. While it trains, a
 cell keeps checkpoints and metrics in ``DIR/cells/<name>-<key>/`` (a killed study resumes the cell in progress
 from its last checkpoint, every ``train.checkpoint_every`` steps); once its record is written they are
-deleted. Cells with the same model, lr and warmup share one compiled step. The alpha ramp
-alpha_t = ``norms.alpha_schedule(t, config.train.alpha_warmup_steps)`` is computed from the step counter
-inside the step: it is never a parameter and no gradient reaches it.
+deleted. Cells with the same model share one compiled step whatever their lr and warmup: both are values in
+the optimizer state (:func:`cell_optimizer`). The alpha ramp alpha_t = ``norms.alpha_schedule(t,
+config.train.alpha_warmup_steps)`` is computed from the step counter inside the step: it is never a parameter
+and no gradient reaches it.
 """
 from __future__ import annotations
 
@@ -227,11 +228,55 @@ def cell_optim(cell: Cell, config) -> ml_collections.ConfigDict:
     return optim
 
 
+def cell_schedule(count, lr, warmup, total_steps: int, min_lr_ratio: float):
+    """``training.make_schedule`` of :func:`cell_optim` at optimizer step ``count`` with the peak rate ``lr`` and
+    the warmup length ``warmup`` given as (traced) arrays: a linear warmup from 0 over ``warmup`` steps, then a
+    cosine from ``lr`` to lr x ``min_lr_ratio`` over the remaining max(1, total_steps - warmup) steps, and
+    lr x ``min_lr_ratio`` after them. The same values as ``make_schedule`` up to float32 rounding; one compiled
+    step serves every lr and warmup (:func:`cell_optimizer`)."""
+    lr = jnp.asarray(lr)
+    count, warmup = jnp.asarray(count, jnp.float32), jnp.asarray(warmup, jnp.float32)
+    ramp = -lr * (1.0 - jnp.clip(count, 0.0, warmup) / jnp.maximum(warmup, 1.0)) + lr  # optax.linear_schedule's
+    decay_steps = jnp.maximum(float(total_steps) - warmup, 1.0)
+    cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * jnp.minimum(count - warmup, decay_steps) / decay_steps))
+    decay = lr * ((1.0 - float(min_lr_ratio)) * cosine + float(min_lr_ratio))
+    return jnp.where(count < warmup, ramp, decay)
+
+
+def _cell_hyperparams(optim_items: tuple, total: int):
+    """``optax.inject_hyperparams`` of (lr, warmup_steps) -> ``training.make_optimizer`` of the optimizer
+    ``optim_items`` (without lr and warmup) with :func:`cell_schedule`."""
+    optim = ml_collections.ConfigDict(dict(optim_items))
+
+    def optimizer(lr, warmup_steps):
+        return training.make_optimizer(optim, total, schedule=lambda count: cell_schedule(
+            count, lr, warmup_steps, total, optim.min_lr_ratio))
+
+    return optax.inject_hyperparams(optimizer)
+
+
+def _shared_items(cell_opt: ml_collections.ConfigDict) -> tuple:
+    return tuple(sorted((k, v) for k, v in cell_opt.items() if k not in ("lr", "warmup_steps")))
+
+
 @functools.lru_cache(maxsize=32)
-def _cell_optimizer(optim_items: tuple, total: int):
-    """``training.make_optimizer`` of one cell optimizer (:func:`cell_optim`), cached: cells with the same model,
-    lr and warmup share their step's compilation (``training.make_step`` is cached on the loss and the tx)."""
-    return training.make_optimizer(ml_collections.ConfigDict(dict(optim_items)), total)
+def _shared_optimizer(optim_items: tuple, total: int) -> optax.GradientTransformation:
+    # one object per optimizer config: training.make_step is cached on it (and the loss), so is its compilation.
+    # Its update reads lr and warmup from the state (cell_optimizer's); the placeholders here are never used
+    return _cell_hyperparams(optim_items, total)(lr=0.0, warmup_steps=0)
+
+
+def cell_optimizer(cell: Cell, config, params) -> tuple[optax.GradientTransformation, Any]:
+    """(tx, opt_state) training ``cell``'s ``params``: ``training.make_optimizer`` of :func:`cell_optim` whose
+    peak lr and warmup are in the optimizer state (``optax.inject_hyperparams``; ``opt_state.hyperparams``
+    holds ``lr`` and ``warmup_steps``) rather than in the compiled step. ``tx`` is one object for every cell of
+    the same ``config.optim`` and ``train.steps``: cells with the same model share one compiled train step
+    (``training.make_step`` is cached on the loss and the tx) whatever their lr and warmup."""
+    optim, total = cell_optim(cell, config), int(config.train.steps)
+    items = _shared_items(optim)
+    warmup = jnp.asarray(int(cell.warmup), jnp.int32)  # not weakly typed: a restored state has the same types
+    state = _cell_hyperparams(items, total)(lr=float(cell.lr), warmup_steps=warmup).init(params)
+    return _shared_optimizer(items, total), state
 
 
 @functools.lru_cache(maxsize=32)
@@ -358,17 +403,17 @@ def run_cell(cell: Cell, config, corpus, val_batches, workdir: str, *, stop_afte
     from its last one); returns its record. A non-finite loss ends the cell as diverged (``diverged_at``).
     ``stop_after``: stop after this many steps, as a killed run would (tests)."""
     c, total, ramp = config, int(config.train.steps), int(config.train.alpha_warmup_steps)
-    optim = cell_optim(cell, c)
-    tx, (loss_fn, _, _) = _cell_optimizer(tuple(sorted(optim.items())), total), _cell_functions(cell.model, ramp)
+    optim, (loss_fn, _, _) = cell_optim(cell, c), _cell_functions(cell.model, ramp)
     start = time.time()
     tokens = jnp.zeros((1, c.data.seq_len), jnp.int32)
     params = Transformer(cell.model).init(jax.random.PRNGKey(int(c.seed)), tokens)["params"]  # eager: fast
     if not cell.truncation_correction:
         params = uncorrect_truncation(params)
     entropy = attention_entropy(cell.model, params, jnp.asarray(val_batches[0]["inputs"])) if cell.entropy else {}
+    tx, opt_state = cell_optimizer(cell, c, params)
     phase = training.Phase(
         tx=tx, start=0, end=total, workdir=workdir, name=cell.name,
-        state=training.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params)), loss_fn=loss_fn,
+        state=training.TrainState(jnp.zeros((), jnp.int32), params, opt_state), loss_fn=loss_fn,
         batch_fn=lambda t: training.host_batch(corpus, c.data, t, int(c.seed)),
         evaluators={"cell": cell_evaluator(cell, c, corpus, val_batches)},
         eval_steps=tuple(int(t) for t in c.study.grad_steps), schedule=training.make_schedule(optim, total))

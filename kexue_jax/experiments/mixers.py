@@ -188,7 +188,7 @@ def pretrain(config, cfg: TransformerConfig, objective: str, workdir: str, corpu
     tx = training.make_optimizer(c.optim, c.train.steps)
     model = Transformer(cfg)
     phase = training.Phase(model_cfg=cfg, tx=tx, start=0, end=c.train.steps, workdir=workdir,
-                           init=lambda key: training.init_state(model, tx, key, c.data.seq_len),
+                           init=training.state_initializer(model, tx, c.data.seq_len),
                            name=f"{cfg.token_mixer}/{objective}")
     t0 = time.perf_counter()
     result = training.run_phase(phase, c, corpus, mesh)

@@ -661,7 +661,7 @@ def scratch_phase(config, model_cfg, *, end: int, workdir: str, name: str, optim
     horizon = config.train.steps if horizon is None else horizon
     tx, model = training.make_optimizer(optim, horizon, model_cfg=model_cfg), Transformer(model_cfg)
     return training.Phase(model_cfg=model_cfg, tx=tx, start=0, end=end, workdir=workdir,
-                          init=lambda key: training.init_state(model, tx, key, config.data.seq_len), name=name,
+                          init=training.state_initializer(model, tx, config.data.seq_len), name=name,
                           schedule=training.make_schedule(optim, horizon))
 
 
@@ -840,7 +840,8 @@ def aggregate(per_seed: list[dict]) -> dict:
     the saving curve per target index, the WSD points per budget, forgetting per field."""
     out = {"seeds": [r["seed"] for r in per_seed], "per_seed": per_seed}
     for key in SCALAR_KEYS:
-        out[key] = _seed_stats([r.get(key) for r in per_seed])
+        if any(key in r for r in per_seed):  # a figure of the other scenario (family_saving) stays absent
+            out[key] = _seed_stats([r.get(key) for r in per_seed])
     curves = [r["saving_curve"] for r in per_seed if r.get("saving_curve")]
     if curves:
         out["saving_curve"] = _seed_stats_rows(curves, ("target", "saving", "saving_given_small"))
